@@ -1,0 +1,38 @@
+// The one place where calm_fast's op schemas are written. Backends register kernels for them
+// with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp for CPU, kernels/cuda/*.cu for CUDA); fake kernels
+// for torch.compile live in calm_fast/_meta.py.
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TORCH_LIBRARY(calm_fast, m) {
+  m.def("mask_step_(Tensor(a!) logits, Tensor(b!) weight, Tensor grad, Tensor delta, "
+        "Tensor? base, float lr, float l1, str reg) -> ()");
+  m.def("masked_apply_(Tensor(a!) weight, Tensor delta, Tensor mask, str mode) -> ()");
+  m.def("consensus_merge(Tensor[] task_vectors, float[] weights, float[] thresholds, str method, "
+        "int min_votes) -> Tensor");
+  m.def("magnitude_threshold(Tensor[] tensors, int k) -> (Tensor, Tensor)");
+  m.def("entropy_argmax(Tensor logits) -> (Tensor, Tensor)");
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("unpack_mask(Tensor packed, int numel) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "calm_fast native kernels; the ops themselves live in torch.ops.calm_fast";
+  module.attr("with_cuda") =
+#ifdef CALM_FAST_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+  module.def("num_threads", [] {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }, "OpenMP threads the CPU kernels use");
+}

@@ -1,0 +1,61 @@
+"""Builds calm_fast._C with torch's cpp_extension (ninja). Sources: csrc/SOURCES.
+
+The CUDA kernels are compiled when torch is a CUDA build and nvcc is found; set
+CALM_FAST_NO_CUDA=1 to build the CPU kernels only. Install with
+`pip install --no-build-isolation --no-deps -e .` (torch must already be installed: an
+isolated build environment would pull a different torch than the one the extension loads into).
+"""
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _sources():
+    lines = (ROOT / "csrc" / "SOURCES").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _cuda_home():
+    """The toolkit root: torch guesses /usr/local from the /usr/local/bin/nvcc wrapper."""
+    for candidate in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+            return candidate
+    return None
+
+
+def _extension():
+    import torch
+
+    cuda_home = _cuda_home()
+    with_cuda = bool(torch.version.cuda) and cuda_home and not os.environ.get("CALM_FAST_NO_CUDA")
+    if with_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        if not torch.cuda.is_available():  # cpp_extension cannot guess archs without a GPU
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    from torch.utils import cpp_extension
+
+    sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    kwargs = dict(
+        name="calm_fast._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx + (["-DCALM_FAST_WITH_CUDA"] if with_cuda else [])},
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DCALM_FAST_WITH_CUDA"]
+    return kind(**kwargs), cpp_extension.BuildExtension
+
+
+extension, build_ext = _extension()
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+    package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton"},
+    packages=["calm_fast", "calm_fast.triton_kernels"],
+)
