@@ -49,12 +49,14 @@ def _extension():
     )
     if with_cuda:
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DCALM_FAST_WITH_CUDA"]
-    return kind(**kwargs), cpp_extension.BuildExtension
+    return kind(**kwargs), cpp_extension.BuildExtension, with_cuda
 
 
-extension, build_ext = _extension()
+extension, build_ext, with_cuda = _extension()
 setup(
     ext_modules=[extension],
+    # separate build trees, so CPU-only and CUDA builds of one checkout don't rebuild each other
+    options={"build": {"build_base": "build/cuda" if with_cuda else "build/cpu"}},
     cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
     package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton"},
     packages=["calm_fast", "calm_fast.triton_kernels"],

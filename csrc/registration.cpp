@@ -2,11 +2,16 @@
 // with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp for CPU, kernels/cuda/*.cu for CUDA); fake kernels
 // for torch.compile live in calm_fast/_meta.py.
 #include <torch/library.h>
+#include <c10/util/Flags.h>
 #include <pybind11/pybind11.h>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+// c10's CPU allocator fills new allocations with a NaN pattern when this flag is set; tests
+// turn it on so that an output element a kernel forgets to write cannot pass by luck.
+C10_DECLARE_bool(caffe2_cpu_allocator_do_junk_fill);
 
 TORCH_LIBRARY(calm_fast, m) {
   m.def("mask_step_(Tensor(a!) logits, Tensor(b!) weight, Tensor grad, Tensor delta, "
@@ -35,4 +40,7 @@ PYBIND11_MODULE(_C, module) {
     return 1;
 #endif
   }, "OpenMP threads the CPU kernels use");
+  module.def("set_cpu_poison", [](bool enabled) {
+    FLAGS_caffe2_cpu_allocator_do_junk_fill = enabled;
+  }, "Fill every new CPU allocation with a NaN pattern (for tests)");
 }

@@ -1,0 +1,72 @@
+"""magnitude_threshold: exact k-th largest |x| over a list of tensors, with tie quotas."""
+import pytest
+import torch
+
+from calm_fast import ops, reference
+from conftest import DTYPES, sizes_for
+
+
+def _tensors(sizes, dtype, gen, device, ties):
+    out = []
+    for n in sizes:
+        t = torch.randint(-4, 5, (n,), generator=gen).float() if ties else torch.randn(n, generator=gen)
+        out.append(t.to(dtype).to(device))
+    return out
+
+
+def _select(tensors, threshold, quota):
+    """The exactly-k selection the outputs describe, as one flat bool vector."""
+    picks = []
+    for t, q in zip(tensors, quota.tolist()):
+        mag = t.abs().reshape(-1)
+        pick = mag > threshold
+        tie_idx = torch.nonzero(mag == threshold).flatten()[:q]
+        pick[tie_idx] = True
+        picks.append(pick)
+    return torch.cat(picks)
+
+
+def _topk_by_order(tensors, k):
+    """Exactly-k selection by brute force: sort (|x| desc, tensor order, index) and take k."""
+    flat = torch.cat([t.reshape(-1).float().abs() for t in tensors])
+    order = torch.argsort(-flat, stable=True)  # stable keeps (tensor, index) order among ties
+    pick = torch.zeros(flat.numel(), dtype=torch.bool)
+    pick[order[:k]] = True
+    return pick
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "many-ties"])
+def test_threshold_matches_reference(backend_device, dtype, ties, gen):
+    backend, device = backend_device
+    for n in sizes_for(backend_device):
+        sizes = [n, 0, max(n // 3, 1), 5]  # several tensors, one empty
+        tensors = _tensors(sizes, dtype, gen, device, ties)
+        total = sum(sizes)
+        for k in sorted({0, 1, total // 3, total - 1, total}):
+            want_thr, want_quota = reference.magnitude_threshold(tensors, k)
+            thr, quota = ops.magnitude_threshold(tensors, k, backend=backend)
+            assert thr.dtype == dtype and thr.dim() == 0 and quota.dtype == torch.int64
+            assert torch.equal(thr.cpu(), want_thr.cpu()), f"n={n} k={k}: {thr} != {want_thr}"
+            assert torch.equal(quota.cpu(), want_quota.cpu()), f"n={n} k={k}"
+            cpu = [t.cpu() for t in tensors]
+            picked = _select(cpu, thr.cpu(), quota.cpu())
+            assert int(picked.sum()) == k
+            assert torch.equal(picked, _topk_by_order(cpu, k))
+
+
+def test_reference_threshold_matches_concatenated_topk(gen):
+    tensors = _tensors([1000, 37, 4096], torch.float32, gen, "cpu", ties=False)
+    flat = torch.cat(tensors).abs()
+    for k in (1, 10, 2000, flat.numel()):
+        thr, _ = reference.magnitude_threshold(tensors, k)
+        assert float(thr) == float(flat.topk(k).values[-1])
+
+
+def test_nan_orders_above_inf(any_backend):
+    backend, device = any_backend
+    x = torch.tensor([1.0, float("nan"), float("inf"), -2.0], device=device)
+    thr, quota = ops.magnitude_threshold([x], 1, backend=backend)
+    assert torch.isnan(thr) and quota.tolist() == [1]
+    thr, _ = ops.magnitude_threshold([x], 2, backend=backend)
+    assert float(thr) == float("inf")
