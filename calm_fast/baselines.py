@@ -1,0 +1,78 @@
+"""Data-free merging baselines, all through the one consensus_merge op, one parameter at a time.
+
+- "average":          θ0 + mean_t τt
+- "task_arithmetic":  θ0 + λ Σt τt
+- "ties":             trim each τt to its top `density` magnitudes (one threshold per task over
+                      the whole model), elect signs, disjoint mean, scale by λ
+- "consensus":        TALL masks mt = [|τt| ≥ λt |Σs τs − τt|], keep scalars at least
+                      `min_votes` tasks agree on, then λ Σt τt
+Task vectors are formed per parameter in fp32, so peak memory beyond the loaded weights is one
+parameter × T (plus one model's task vector per task while TIES measures its thresholds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+DATA_FREE_METHODS = ("average", "task_arithmetic", "ties", "consensus")
+
+
+@dataclass(frozen=True)
+class DataFreeConfig:
+    scaling: float = 0.3  # λ of task arithmetic / TIES / consensus (the authors' value)
+    density: float = 0.2  # TIES: fraction of each task vector kept
+    tall_lambda: float = 0.5  # consensus: λt of the TALL masks
+    min_votes: int = 2  # consensus: tasks that must agree to keep a scalar
+
+    def validate(self, num_tasks: int) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"calm_fast: density must lie in (0, 1], got {self.density}")
+        if not 0 <= self.min_votes <= num_tasks:
+            raise ValueError(f"calm_fast: min_votes must lie in [0, {num_tasks}], got {self.min_votes}")
+        if self.tall_lambda < 0:
+            raise ValueError(f"calm_fast: tall_lambda must be >= 0, got {self.tall_lambda}")
+
+
+def task_vector(pretrained, finetuned, key, device) -> torch.Tensor:
+    """τ = θt − θ0 for one parameter, in fp32, contiguous, on `device`."""
+    return (finetuned[key].to(device, torch.float32) - pretrained[key].to(device, torch.float32)).contiguous()
+
+
+def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device) -> list[float]:
+    """Per task, the magnitude of its k-th largest task-vector entry, k = density · N."""
+    thresholds = []
+    for state in finetuned.values():
+        taus = [task_vector(pretrained, state, key, device) for key in keys]
+        k = int(density * sum(t.numel() for t in taus))
+        threshold, _ = ops.magnitude_threshold(taus, k)
+        thresholds.append(float(threshold))
+    return thresholds
+
+
+def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: DataFreeConfig,
+                    device, progress=None) -> dict[str, torch.Tensor]:
+    """Merged weights for `keys`; the other entries of pretrained are carried unchanged."""
+    num_tasks = len(finetuned)
+    config.validate(num_tasks)
+    if method == "average":
+        op_method, weights, thresholds, votes = "sum", [1.0 / num_tasks] * num_tasks, [], 0
+    elif method == "task_arithmetic":
+        op_method, weights, thresholds, votes = "sum", [config.scaling] * num_tasks, [], 0
+    elif method == "ties":
+        thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device)
+        op_method, weights, votes = "ties", [config.scaling] * num_tasks, 0
+    elif method == "consensus":
+        op_method, weights, votes = "consensus", [config.scaling] * num_tasks, config.min_votes
+        thresholds = [config.tall_lambda] * num_tasks
+    else:
+        raise ValueError(f"calm_fast: unknown data-free method {method!r}; one of {DATA_FREE_METHODS}")
+    merged = dict(pretrained)
+    for key in (progress(keys, desc=f"merging ({method})") if progress else keys):
+        taus = [task_vector(pretrained, state, key, device) for state in finetuned.values()]
+        tau = ops.consensus_merge(taus, weights, thresholds, op_method, votes)
+        base = pretrained[key]
+        merged[key] = (base.to(device, torch.float32) + tau).to(base.dtype).to(base.device)
+    return merged
