@@ -1,0 +1,72 @@
+"""Tiny models with synthetic tasks whose right merge is known, shared by the merge tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IN, BRANCH, CLASSES = 12, 16, 4
+
+
+class BranchNet(nn.Module):
+    """One branch per task: features = concat of the branches' outputs."""
+
+    def __init__(self, branches: int):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(nn.Linear(IN, BRANCH), nn.Tanh(),
+                                                    nn.Linear(BRANCH, BRANCH)) for _ in range(branches))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))  # carried, never merged
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], dim=1)
+
+
+class BranchHead(nn.Module):
+    """Task t's head reads branch t only."""
+
+    def __init__(self, branch: int, branches: int):
+        super().__init__()
+        self.branch, self.linear = branch, nn.Linear(BRANCH, CLASSES)
+        self.branches = branches
+
+    def forward(self, features):
+        return self.linear(features[:, self.branch * BRANCH:(self.branch + 1) * BRANCH])
+
+
+def fine_tune(pretrained: nn.Module, head: nn.Module, x, y, params, steps=150, lr=3e-2):
+    model = BranchNet(len(pretrained.branches))
+    model.load_state_dict(pretrained.state_dict())
+    chosen = [p for n, p in model.named_parameters() if any(n.startswith(q) for q in params)]
+    opt = torch.optim.Adam(chosen + list(head.parameters()), lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(model(x)), y).backward()
+        opt.step()
+    return model
+
+
+def make_tasks(num_tasks=4, examples=256, seed=0, conflict=False):
+    """Tasks fine-tuned on disjoint branches; with conflict=True, one more task ("conflict")
+    is fine-tuned on branch 0, the branch task 0 relies on, towards unrelated labels."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pretrained = BranchNet(num_tasks)
+    finetuned, heads, data = {}, {}, {}
+    jobs = [(f"task{t}", t, f"branches.{t}.") for t in range(num_tasks)]
+    if conflict:
+        jobs.append(("conflict", 0, "branches.0."))
+    for name, branch, params in jobs:
+        x = torch.randn(examples, IN, generator=g)
+        y = (x @ torch.randn(IN, CLASSES, generator=g)).argmax(1)
+        head = BranchHead(branch, num_tasks)
+        finetuned[name] = fine_tune(pretrained, head, x, y, [params])
+        heads[name], data[name] = head.requires_grad_(False), x
+    return pretrained, finetuned, heads, data
+
+
+@torch.no_grad()
+def agreement(state_dict, finetuned, heads, data) -> dict[str, float]:
+    """Per task: how often the merged model predicts what the task's own fine-tuned model does."""
+    model = BranchNet(len(next(iter(finetuned.values())).branches))
+    model.load_state_dict(state_dict)
+    return {t: float((heads[t](model(data[t])).argmax(1) == heads[t](finetuned[t](data[t])).argmax(1))
+                     .float().mean()) for t in finetuned}
