@@ -7,6 +7,7 @@ stored, because mask_step_ recovers it as θ − σ(S_old)·δ inside the fused 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -122,20 +123,18 @@ def merged_parameter(key, pretrained, finetuned, initial, scaling: float, steps,
 
 
 class _Timer:
-    def __init__(self, report: CALMReport):
-        self.report = report
+    """Seconds per phase into the report; synchronizes CUDA so that async work is attributed."""
 
+    def __init__(self, report: CALMReport, device: torch.device):
+        self.report, self.device = report, device
+
+    @contextlib.contextmanager
     def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.report.seconds[name] = timer.report.seconds.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Phase()
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.report.seconds[name] = self.report.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class CALMMerger:
@@ -151,7 +150,7 @@ class CALMMerger:
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = progress
         self.report = CALMReport(tasks=self.tasks)
-        self.timer = _Timer(self.report)
+        self.timer = _Timer(self.report, device)
         self.tensors = self._merged_tensors()
         self.pools = {t: sampling.collect_pool(data[t], t) for t in self.tasks}
         self.selected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -285,19 +284,19 @@ class CALMMerger:
         pick = torch.randperm(len(keep), generator=self.generator)[: self.config.batch_size]
         return sampling.take(self.pools[task], keep[pick], self.device), labels[pick].to(self.device)
 
-    def _accumulate_gradients(self, seen: list[str]) -> float:
+    def _accumulate_gradients(self, seen: list[str]) -> torch.Tensor:
         cfg = self.config
         for t in self.tensors.values():
             t.grad = None
         scale = 1.0 if cfg.accumulate == "sum" else 1.0 / (len(seen) * cfg.batches_per_task)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # stays on the device: no sync per batch
         for task in seen:
             for _ in range(cfg.batches_per_task):
                 x, y = self._sample(task)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
                     loss = F.cross_entropy(self.heads[task](self.forward(x)).float(), y)
                 (loss * scale).backward()
-                total += float(loss.detach())
+                total += loss.detach()
         return total
 
     @torch.no_grad()
@@ -320,7 +319,7 @@ class CALMMerger:
         cfg, rep = self.config, self.report
         with self.timer.phase("mask_init"):
             logits, deltas = self._init_step(task)
-        losses, sizes = rep.losses.setdefault(task, []), rep.step_sizes.setdefault(task, [])
+        losses, sizes = [], rep.step_sizes.setdefault(task, [])
         for _ in self._bar(range(cfg.updates), desc=f"masking {task}"):
             with self.timer.phase("forward_backward"):
                 losses.append(self._accumulate_gradients(seen))
@@ -330,6 +329,7 @@ class CALMMerger:
                 for key, t in self.tensors.items():
                     if t.grad is not None:
                         ops.mask_step_(logits[key], t.data, t.grad, deltas[key], lr=lr, l1=cfg.l1, reg=cfg.reg)
+        rep.losses[task] = torch.stack(losses).tolist()
         with self.timer.phase("mask_finalize"):
             return self._finalize_step(task, logits, deltas)
 
