@@ -70,3 +70,43 @@ def agreement(state_dict, finetuned, heads, data) -> dict[str, float]:
     model.load_state_dict(state_dict)
     return {t: float((heads[t](model(data[t])).argmax(1) == heads[t](finetuned[t](data[t])).argmax(1))
                      .float().mean()) for t in finetuned}
+
+
+class TinyViT(nn.Module):
+    """A two-layer vision transformer on 8x8 single-channel images, 2x2 patches."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, kernel_size=2, stride=2)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, pixel_values):
+        tokens = self.patch(pixel_values).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos
+        return self.norm(self.encoder(tokens)[:, 0])
+
+
+def make_vit_tasks(num_tasks=3, examples=192, seed=0):
+    """Each task labels images by a different random linear read-out of the pixels."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pretrained = TinyViT()
+    finetuned, heads, data = {}, {}, {}
+    for t in range(num_tasks):
+        x = torch.randn(examples, 1, 8, 8, generator=g)
+        y = (x.flatten(1) @ torch.randn(64, CLASSES, generator=g)).argmax(1)
+        model, head = TinyViT(), nn.Linear(32, CLASSES)
+        model.load_state_dict(pretrained.state_dict())
+        opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), 3e-3)
+        for _ in range(120):
+            opt.zero_grad()
+            nn.functional.cross_entropy(head(model(x)), y).backward()
+            opt.step()
+        name = f"vit{t}"
+        finetuned[name], heads[name] = model.eval(), head.requires_grad_(False)
+        data[name] = [({"pixel_values": x[i:i + 64]}, y[i:i + 64]) for i in range(0, examples, 64)]
+    return pretrained.eval(), finetuned, heads, data

@@ -257,3 +257,29 @@ def test_bad_input_raises_clear_error(case, tmp_path):
         finetuned = {"task0": str(tmp_path / "evil.pt"), "task1": ft["task1"]}
     with pytest.raises(exc, match=pattern):
         calm_fast.merge(pre, finetuned, **kwargs)
+
+
+def test_calm_on_a_tiny_vit_with_dict_batches_and_a_forward_hook():
+    from merge_fixtures import TinyViT, make_vit_tasks
+
+    pre, ft, heads, data = make_vit_tasks()
+    model = TinyViT()
+    forward = lambda batch: model(batch["pixel_values"])  # noqa: E731  (signature is not model(batch))
+    config = CALMConfig(updates=20, batch_size=64, num_sequential=2)
+    result = calm_fast.merge(pre.state_dict(), ft, method="calm", model=model, heads=heads, data=data,
+                             forward=forward, config=config, device="cpu", progress=False)
+    ta = calm_fast.merge(pre, ft, method="task_arithmetic", progress=False)
+
+    @torch.no_grad()
+    def agree(state_dict):
+        merged = TinyViT().eval()
+        merged.load_state_dict(state_dict)
+        scores = []
+        for task, batches in data.items():
+            x = torch.cat([b["pixel_values"] for b, _ in batches])
+            scores.append(float((heads[task](merged(x)).argmax(1) == heads[task](ft[task](x)).argmax(1)).float().mean()))
+        return sum(scores) / len(scores)
+
+    assert result.report.pool_sizes == {t: 192 for t in ft}
+    assert 0 < min(result.report.mask_density.values()) and max(result.report.mask_density.values()) < 1
+    assert agree(result.state_dict) > agree(ta.state_dict) + 0.05
