@@ -38,7 +38,7 @@ def _extension():
     from torch.utils import cpp_extension
 
     sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-g0", "-fopenmp"]  # the -std flag comes from cpp_extension (C++20 for torch 2.14)
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     kwargs = dict(
         name="calm_fast._C",
