@@ -12,12 +12,13 @@ process-wide with the CALM_FAST_BACKEND environment variable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
 import torch
 
-from . import _extension, reference
+from . import _extension, _meta, reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
 _state = {"backend": os.environ.get("CALM_FAST_BACKEND", "auto")}
@@ -59,13 +60,13 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         return "triton"
     if device.type == "cpu" and _extension.NATIVE:
         return "native"
-    if not _warned:
-        warnings.warn(f"calm_fast: no native kernels for {device}; using the plain-torch reference")
-        _warned.append(True)
+    _warn_reference_fallback(device.type)
     return "reference"
 
 
-_warned: list[bool] = []
+@functools.lru_cache(maxsize=None)
+def _warn_reference_fallback(device_type: str) -> None:
+    warnings.warn(f"calm_fast: no native kernels for {device_type}; using the plain-torch reference")
 
 
 def _dispatch(name: str, device: torch.device, backend: str | None):
@@ -98,16 +99,18 @@ def masked_apply(base, delta, mask, mode: str = "hard", *, backend: str | None =
 def consensus_merge(task_vectors, weights, thresholds=(), method: str = "sum", min_votes: int = 0,
                     *, backend: str | None = None):
     """Merge T task vectors of one parameter in one pass (sum / ties / consensus)."""
-    device = task_vectors[0].device if len(task_vectors) else torch.device("cpu")
-    return _dispatch("consensus_merge", device, backend)(
+    if not len(task_vectors):  # the dispatcher needs a tensor to pick a kernel: fail here
+        _meta.check_consensus_merge(task_vectors, weights, thresholds, method, min_votes)
+    return _dispatch("consensus_merge", task_vectors[0].device, backend)(
         list(task_vectors), [float(w) for w in weights], [float(t) for t in thresholds],
         method, int(min_votes))
 
 
 def magnitude_threshold(tensors, k: int, *, backend: str | None = None):
     """(k-th largest |x| over all tensors, per-tensor tie quotas) for exactly-k selection."""
-    device = tensors[0].device if len(tensors) else torch.device("cpu")
-    return _dispatch("magnitude_threshold", device, backend)(list(tensors), int(k))
+    if not len(tensors):
+        _meta.check_magnitude_threshold(tensors, k)
+    return _dispatch("magnitude_threshold", tensors[0].device, backend)(list(tensors), int(k))
 
 
 def entropy_argmax(logits, *, backend: str | None = None):
