@@ -1,7 +1,8 @@
 """Builds calm_fast._C with torch's cpp_extension (ninja). Sources: csrc/SOURCES.
 
 The CUDA kernels are compiled when torch is a CUDA build and nvcc is found; set
-CALM_FAST_NO_CUDA=1 to build the CPU kernels only. Install with
+CALM_FAST_NO_CUDA=1 to build the CPU kernels only; CALM_FAST_CPU_ARCH (default "native") is the
+-march of the CPU kernels. Install with
 `pip install --no-build-isolation --no-deps -e .` (torch must already be installed: an
 isolated build environment would pull a different torch than the one the extension loads into).
 """
@@ -38,7 +39,11 @@ def _extension():
     from torch.utils import cpp_extension
 
     sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
-    cxx = ["-O3", "-g0", "-fopenmp"]  # the -std flag comes from cpp_extension (C++20 for torch 2.14)
+    # The CPU kernels are compute-bound at SSE2 width (two sigmoids per element): build them for
+    # this machine's vector ISA (CALM_FAST_CPU_ARCH=x86-64 for a portable build). No FMA
+    # contraction, so every ISA rounds like the reference. -std comes from cpp_extension.
+    arch = os.environ.get("CALM_FAST_CPU_ARCH", "native")
+    cxx = ["-O3", "-g0", "-fopenmp", f"-march={arch}", "-ffp-contract=off"]
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     kwargs = dict(
         name="calm_fast._C",

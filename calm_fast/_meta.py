@@ -153,8 +153,8 @@ def register_fakes() -> None:
         check_mask_step(logits, weight, grad, delta, base, reg)
 
     @torch.library.register_fake(lib + "masked_apply_")
-    def _(weight, delta, mask, mode):
-        check_masked_apply(weight, delta, mask, mode)
+    def _(weight, delta, mask, mask_mode):
+        check_masked_apply(weight, delta, mask, mask_mode)
 
     @torch.library.register_fake(lib + "consensus_merge")
     def _(task_vectors, weights, thresholds, method, min_votes):
