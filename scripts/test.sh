@@ -10,22 +10,27 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_C
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
+# pip's "Location ... is ignored" notes about this machine's local indexes are noise
+pip_install() { local venv=$1; shift; "$venv/bin/pip" install -q "$@" 2> >(grep -v "is ignored" >&2); }
+# run quietly, print the log only when it fails
+logged() { local log=$1; shift; "$@" >"$log" 2>&1 || { cat "$log"; return 1; }; }
+mkdir -p build
 
 step "CPU environment"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -r requirements/cpu.txt
-.venv/bin/pip install -q --no-build-isolation --no-deps -e .
+pip_install .venv -r requirements/cpu.txt
+logged build/cpu-build.log pip_install .venv --no-build-isolation --no-deps -e .
 
 step "CMake build of csrc/SOURCES (CPU)"
-cmake -S . -B build/cmake -DPython_EXECUTABLE="$PWD/.venv/bin/python" \
-  -DCMAKE_PREFIX_PATH="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
-cmake --build build/cmake -j 2 >/dev/null
+logged build/cmake-configure.log cmake -S . -B build/cmake -DPython_EXECUTABLE="$PWD/.venv/bin/python" \
+  -DCMAKE_PREFIX_PATH="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+logged build/cmake-build.log cmake --build build/cmake -j 2
 
 if [ -x "$CUDA_HOME/bin/nvcc" ]; then
   step "CUDA build (nvcc sm_${TORCH_CUDA_ARCH_LIST/./}) against torch+cu130, link and registration check"
   [ -x .venv-cuda/bin/python ] || python3 -m venv .venv-cuda
-  .venv-cuda/bin/pip install -q -r requirements/cuda.txt
-  .venv-cuda/bin/pip install -q --no-build-isolation --no-deps .
+  pip_install .venv-cuda -r requirements/cuda.txt
+  logged build/cuda-build.log pip_install .venv-cuda --no-build-isolation --no-deps .
   # run from tests/ so that the installed package, not the source tree, is imported
   (cd tests && CALM_FAST_REQUIRE_CUDA_BUILD=1 ../.venv-cuda/bin/pytest -q -p no:cacheprovider \
      test_torch_integration.py)
