@@ -72,13 +72,8 @@ def select_radix_bin(totals, k_remaining: int):
 
 
 def magnitude_threshold(tensors, k: int):
-    """k-th largest |x| over a list of tensors, and per-tensor counts of ties to select.
-
-    Returns (threshold, tie_quota): exactly k entries are selected by taking every |x| > threshold
-    plus, in each tensor i, the first tie_quota[i] entries (flat order) with |x| == threshold;
-    quotas are filled in tensor order. NaN orders above +inf (IEEE bit order). k = 0 gives
-    threshold = +inf and no ties.
-    """
+    """(threshold, tie_quota) as calm_fast.reference.magnitude_threshold defines them: one
+    histogram launch per tensor and radix pass, bins chosen on the host between passes."""
     _meta.check_magnitude_threshold(tensors, k)
     dtype = tensors[0].dtype
     device = tensors[0].device
