@@ -52,7 +52,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -72,6 +71,7 @@ try:
 except ImportError:  # not installed: use the checkout (falls back to the reference without _C)
     sys.path.insert(0, str(ROOT))
     import calm_fast  # noqa: E402,F401
+from machine import command_output, cpu_model  # noqa: E402  (benchmarks/machine.py)
 from calm_fast import _extension, ops as cf_ops, reference  # noqa: E402
 
 MiB = 1 << 20
@@ -436,17 +436,6 @@ def compare(want: list, got: list, tol: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # metadata
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
@@ -456,15 +445,6 @@ def slug(device) -> str:
     if device.type == "cuda":
         return f"cuda-{name}"
     return f"cpu-{name}-{len(os.sched_getaffinity(0))}c"
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
 
 def metadata(args, device, copy_gbps: list[float]) -> dict:
     def version(mod):
@@ -492,8 +472,8 @@ def metadata(args, device, copy_gbps: list[float]) -> dict:
         "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
         "python_executable": sys.executable,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _run(["git", "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--", "csrc", "kernels", "calm_fast"])),
+        "git": command_output(["git", "rev-parse", "--short", "HEAD"]),
+        "git_dirty": bool(command_output(["git", "status", "--porcelain", "--", "csrc", "kernels", "calm_fast"])),
         "quick": args.quick,
         "variants": list(args.variants),
         "loadavg_start_end": [round(x, 2) for x in LOADAVG],
@@ -501,7 +481,7 @@ def metadata(args, device, copy_gbps: list[float]) -> dict:
     }
     if device.type == "cuda":
         meta["cuda_runtime"] = torch.version.cuda
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version,memory.total,clocks.max.sm",
+        smi = command_output(["nvidia-smi", "--query-gpu=driver_version,memory.total,clocks.max.sm",
                     "--format=csv,noheader", f"--id={device.index or 0}"])
         meta["nvidia_smi"] = smi
         meta["cuda_driver"] = smi.split(",")[0].strip() if smi else None

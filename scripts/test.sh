@@ -19,6 +19,7 @@ mkdir -p build
 step "CPU environment"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip_install .venv -r requirements/cpu.txt
+pip_install .venv --no-deps -r requirements/bench-cpu.txt
 logged build/cpu-build.log pip_install .venv --no-build-isolation --no-deps -e .
 
 step "CMake build of csrc/SOURCES (CPU)"
