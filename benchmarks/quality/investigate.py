@@ -1,0 +1,138 @@
+"""Ablations behind benchmarks/results/quality_findings.md: what limits CALM on this benchmark.
+
+Runs CALM variants (step size, loop length, which tasks go sequential, λ of the initial group,
+regularizer, pseudo-label selection) and λ sweeps of the data-free baselines on one size's
+cached fine-tuned models; every finished run is appended to the output JSON at once, so an
+interrupted sweep keeps what it measured.
+
+    python -m benchmarks.quality.investigate --size ci --groups step order lambda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "benchmarks.quality"  # noqa: A001
+
+import calm_fast
+import torch
+
+from . import recipes
+from .run import RESULTS, Method, calm_summary, merge, prepare, pseudo_label_quality, summarize
+
+TASK_ORDER = ("cifar10", "gtsrb", "mnist", "fashion_mnist")
+
+
+def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple[str, dict, str]]]:
+    """group -> [(name, CALMConfig overrides, unlabeled pool)]."""
+    return {
+        "step": [("lr 0.3 (normalized)", dict(lr=0.3), "test"), ("lr 3 (normalized)", dict(lr=3.0), "test"),
+                 ("authors' lr 1e7", dict(step="authors"), "test"),
+                 ("authors' lr 1e7, mean", dict(step="authors", accumulate="mean"), "test")],
+        "loop": [("3x updates", dict(updates=3 * budget.updates), "test")],
+        "order": [("sequential = cifar10, gtsrb", dict(initial=("mnist", "fashion_mnist"),
+                                                        sequential=("cifar10", "gtsrb")), "test"),
+                  ("sequential = gtsrb, cifar10", dict(initial=("mnist", "fashion_mnist"),
+                                                        sequential=("gtsrb", "cifar10")), "test"),
+                  ("3 sequential (auto)", dict(order="auto", num_sequential=3), "test"),
+                  ("1 sequential (auto)", dict(order="auto", num_sequential=1), "test")],
+        "lambda": [("initial λ 0.5", dict(init_scaling=0.5), "test"), ("initial λ 1.0", dict(init_scaling=1.0), "test")],
+        "reg": [("reg l1", dict(reg="l1"), "test"), ("reg none", dict(reg="none"), "test")],
+        "labels": [("ratio 1.0 (no EMS filter)", dict(ratio=1.0), "test"),
+                   ("plain EMS", dict(balanced=False), "test")],
+        "honest": [("held-out, 3x updates", dict(updates=3 * budget.updates), "heldout")],
+    }
+
+
+@torch.no_grad()
+def magnitude_mask_merge(pretrained: dict, finetuned: dict, initial, sequential, densities: dict,
+                         scaling: float = 0.3) -> dict:
+    """CALM's framework with data-free masks: θ0 + λ Σ_initial τ, then for each sequential task
+    j, replace the merged values by θj on the top `densities[j]` fraction of |θj − merged| over
+    the whole model (the same density CALM's learned mask had). A control for what the learned,
+    consensus-aware mask adds over picking the largest disagreements."""
+    keys = [k for k, v in pretrained.items() if v.is_floating_point()]
+    current = {k: pretrained[k].float() + scaling * sum(finetuned[t][k].float() - pretrained[k].float()
+                                                          for t in initial) for k in keys}
+    for task in sequential:
+        deltas = {k: finetuned[task][k].float() - current[k] for k in keys}
+        k_count = int(densities[task] * sum(d.numel() for d in deltas.values()))
+        threshold, _ = calm_fast.ops.magnitude_threshold([d.abs().contiguous() for d in deltas.values()], k_count)
+        for k in keys:
+            current[k] = torch.where(deltas[k].abs() >= threshold, finetuned[task][k].float(), current[k])
+    return {k: current[k].to(v.dtype) if k in current else v for k, v in pretrained.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(recipes.RECIPES), default="ci")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--groups", nargs="*", default=["baselines", "step", "loop", "order", "lambda"])
+    parser.add_argument("--lambdas", nargs="*", type=float, default=[0.2, 0.5, 0.7, 1.0])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    recipe = recipes.get(args.size)
+    out = args.out or RESULTS / f"quality_{args.size}_ablations.json"
+    runs = json.loads(out.read_text()) if out.exists() else []
+    done = {r["name"] for r in runs}
+    setup = prepare(recipe, args.device)
+    pseudo = pseudo_label_quality(setup, pools=("test",))
+    individual = {t: pseudo["test"][t]["accuracy_all"] for t in TASK_ORDER}
+    variants = calm_variants(recipe.calm)
+    budget = recipe.calm
+    loop = dict(updates=budget.updates, batches_per_task=budget.batches_per_task, batch_size=budget.batch_size)
+    todo = []
+    if "baselines" in args.groups:
+        for lam in args.lambdas:
+            for method in ("task_arithmetic", "ties"):
+                todo.append((f"{method} λ {lam}", Method(method, method, method, calm_fast.DataFreeConfig(scaling=lam))))
+    for group in args.groups:
+        for name, overrides, pool in variants.get(group, []):
+            config = calm_fast.CALMConfig(**{**loop, **overrides})
+            todo.append((f"calm: {name}" + ("" if pool == "test" else " [held-out]"),
+                         Method("calm", name, "calm", config, unlabeled=pool)))
+    if "controls" in args.groups:  # data-free masks at the densities of the default CALM run
+        default = json.loads((RESULTS / f"quality_{args.size}.json").read_text())
+        calm_row = next(r for r in default["rows"] if r["name"] == "calm")["calm"]
+        for name, density in (("magnitude masks at CALM's densities", calm_row["mask_density"]),
+                              ("magnitude masks at 2x CALM's densities",
+                               {t: 2 * d for t, d in calm_row["mask_density"].items()}),
+                              ("magnitude masks at 1/2 CALM's densities",
+                               {t: d / 2 for t, d in calm_row["mask_density"].items()})):
+            if name in done:
+                continue
+            start = time.perf_counter()
+            state = magnitude_mask_merge(setup.pretrained, setup.finetuned, calm_row["initial"],
+                                         calm_row["sequential"], density)
+            seconds = time.perf_counter() - start
+            row = {"name": name, "group": "control", **summarize(setup.evaluate(state), individual),
+                   "merge_seconds": seconds, "densities": density,
+                   "initial": calm_row["initial"], "sequential": calm_row["sequential"]}
+            runs.append(row)
+            out.write_text(json.dumps(runs, indent=2) + "\n")
+            print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
+                  + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()), flush=True)
+    for name, spec in todo:
+        if name in done:
+            continue
+        start = time.perf_counter()
+        state, result, seconds = merge(setup, spec)
+        row = {"name": name, "group": spec.method, **summarize(setup.evaluate(state), individual),
+               "merge_seconds": seconds, "wall_seconds": time.perf_counter() - start}
+        if result is not None and result.report is not None:
+            row["calm"] = calm_summary(result)
+            row["config"] = {k: str(v) for k, v in result.config.__dict__.items()}
+        runs.append(row)
+        out.write_text(json.dumps(runs, indent=2) + "\n")
+        print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
+              + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()) + f" ({seconds:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

