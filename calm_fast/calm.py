@@ -262,9 +262,9 @@ class CALMMerger:
         cfg = self.config
         logits, deltas = {}, {}
         for key, t in self.tensors.items():  # |τj| is staged in the logits buffer itself
-            tau = self.finetuned[task][key].to(self.device, torch.float32) - self.pretrained[key].to(self.device, torch.float32)
-            logits[key] = tau.abs_().contiguous()
-            deltas[key] = (self.finetuned[task][key].to(self.device, torch.float32) - t).to(cfg.delta_dtype).contiguous()
+            theta_j = self.finetuned[task][key].to(self.device, torch.float32)
+            logits[key] = (theta_j - self.pretrained[key].to(self.device, torch.float32)).abs_().contiguous()
+            deltas[key] = (theta_j - t).to(cfg.delta_dtype).contiguous()
         total = sum(s.numel() for s in logits.values())
         k = int(cfg.sparsity * total)
         threshold, quota = ops.magnitude_threshold(list(logits.values()), k)
@@ -331,10 +331,10 @@ class CALMMerger:
                         ops.mask_step_(logits[key], t.data, t.grad, deltas[key], lr=lr, l1=cfg.l1, reg=cfg.reg)
         rep.losses[task] = torch.stack(losses).tolist()
         with self.timer.phase("mask_finalize"):
-            return self._finalize_step(task, logits, deltas)
+            return self._finalize_step(task, logits)
 
     @torch.no_grad()
-    def _finalize_step(self, task, logits, deltas) -> dict[str, torch.Tensor]:
+    def _finalize_step(self, task, logits) -> dict[str, torch.Tensor]:
         """The step's binary mask m = [S > 0], packed; parameters without gradient are recorded
         (they take the average of τ_merged and τj when the base is rebuilt)."""
         rep = self.report
@@ -348,7 +348,6 @@ class CALMMerger:
             kept += on
             t.grad = None
         rep.mask_density[task] = kept / max(sum(s.numel() for s in logits.values()), 1)
-        del logits, deltas
         return masks
 
     # ---- driver ------------------------------------------------------------------------------
