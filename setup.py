@@ -63,6 +63,8 @@ setup(
     # separate build trees, so CPU-only and CUDA builds of one checkout don't rebuild each other
     options={"build": {"build_base": "build/cuda" if with_cuda else "build/cpu"}},
     cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
-    package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton"},
-    packages=["calm_fast", "calm_fast.triton_kernels"],
+    # `calm-fast bench` runs benchmarks/bench_ops.py, so the benchmarks ship as calm_fast.benchmarks
+    package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton",
+                 "calm_fast.benchmarks": "benchmarks"},
+    packages=["calm_fast", "calm_fast.triton_kernels", "calm_fast.benchmarks"],
 )

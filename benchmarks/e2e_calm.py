@@ -488,8 +488,8 @@ def run_calm_fast(problem: Problem, seed: int, count_syncs: bool) -> dict:
                             "syncs": starts[u + 1][1] - starts[u][1] if count_syncs else None})
         i += cfg.updates * per
     masks = {task: {k: cf_ops.unpack_mask(bits, problem.theta0[k].numel()).reshape(problem.theta0[k].shape).cpu()
-                    for k, bits in step_masks.items() if k not in set(rep.no_grad_keys.get(task, []))}
-             for task, step_masks in result.masks.items()}
+                    for k, bits in step_masks.items()}
+             for task, step_masks in result.masks.bits.items()}
     phases = {"merge_wall_s": wall, **{f"{k}_s": v for k, v in sec.items()}}
     per_update = {"fwd_bwd_s": sec.get("forward_backward", 0.0) / max(n_updates, 1),
                   "elementwise_s": sec.get("mask_step", 0.0) / max(n_updates, 1)}

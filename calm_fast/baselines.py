@@ -6,8 +6,9 @@
                       the whole model), elect signs, disjoint mean, scale by λ
 - "consensus":        TALL masks mt = [|τt| ≥ λt |Σs τs − τt|], keep scalars at least
                       `min_votes` tasks agree on, then λ Σt τt
-Task vectors are formed per parameter in fp32, so peak memory beyond the loaded weights is one
-parameter × T (plus one model's task vector per task while TIES measures its thresholds).
+Task vectors are formed per parameter in fp32. With lazily read checkpoints (safetensors) peak
+host memory is the merged model plus one parameter × T, plus, for TIES, one model's task vector
+while it measures each task's threshold.
 """
 from __future__ import annotations
 
@@ -36,16 +37,17 @@ class DataFreeConfig:
             raise ValueError(f"calm_fast: tall_lambda must be >= 0, got {self.tall_lambda}")
 
 
-def task_vector(pretrained, finetuned, key, device) -> torch.Tensor:
-    """τ = θt − θ0 for one parameter, in fp32, contiguous, on `device`."""
-    return (finetuned[key].to(device, torch.float32) - pretrained[key].to(device, torch.float32)).contiguous()
+def task_vectors(theta0: torch.Tensor, states, key, device) -> list[torch.Tensor]:
+    """τt = θt − θ0 of one parameter for each state, in fp32, contiguous, on `device`."""
+    theta0 = theta0.to(device, torch.float32)
+    return [(state[key].to(device, torch.float32) - theta0).contiguous() for state in states]
 
 
 def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device) -> list[float]:
     """Per task, the magnitude of its k-th largest task-vector entry, k = density · N."""
     thresholds = []
     for state in finetuned.values():
-        taus = [task_vector(pretrained, state, key, device) for key in keys]
+        taus = [task_vectors(pretrained[key], [state], key, device)[0] for key in keys]
         k = int(density * sum(t.numel() for t in taus))
         threshold, _ = ops.magnitude_threshold(taus, k)
         thresholds.append(float(threshold))
@@ -54,7 +56,7 @@ def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device) -
 
 def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: DataFreeConfig,
                     device, progress=None) -> dict[str, torch.Tensor]:
-    """Merged weights for `keys`; the other entries of pretrained are carried unchanged."""
+    """Merged weights for `keys` (the caller carries pretrained's other entries)."""
     num_tasks = len(finetuned)
     config.validate(num_tasks)
     if method == "average":
@@ -69,10 +71,10 @@ def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: Data
         thresholds = [config.tall_lambda] * num_tasks
     else:
         raise ValueError(f"calm_fast: unknown data-free method {method!r}; one of {DATA_FREE_METHODS}")
-    merged = dict(pretrained)
+    merged = {}
     for key in (progress(keys, desc=f"merging ({method})") if progress else keys):
-        taus = [task_vector(pretrained, state, key, device) for state in finetuned.values()]
-        tau = ops.consensus_merge(taus, weights, thresholds, op_method, votes)
         base = pretrained[key]
+        tau = ops.consensus_merge(task_vectors(base, finetuned.values(), key, device), weights, thresholds,
+                                  op_method, votes)
         merged[key] = (base.to(device, torch.float32) + tau).to(base.dtype).to(base.device)
     return merged

@@ -8,6 +8,8 @@ stored, because mask_step_ recovers it as θ − σ(S_old)·δ inside the fused 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import ops, sampling
+from . import maskfile, ops, sampling
+from .checkpoint import spec
 
 STEP_RULES = ("normalized", "authors")
 ACCUMULATIONS = ("sum", "mean")
@@ -141,8 +144,9 @@ class CALMMerger:
     """Runs CALM on one model whose tensors (by state-dict key) are the merged weights."""
 
     def __init__(self, pretrained, finetuned, keys, model, heads, data, forward, config: CALMConfig,
-                 device, seed: int, progress):
+                 device, seed: int, progress, progress_file: str | None = None):
         config.validate()
+        self.seed, self.progress_file = seed, progress_file
         self.pretrained, self.finetuned, self.keys = pretrained, finetuned, list(keys)
         self.tasks = list(finetuned)
         self.model, self.heads, self.config, self.device = model, heads, config, device
@@ -162,9 +166,10 @@ class CALMMerger:
         if missing:
             raise KeyError(f"calm_fast: the model lacks {len(missing)} merged key(s): {missing[:5]}")
         for key in self.keys:
-            if own[key].shape != self.pretrained[key].shape:
+            shape = spec(self.pretrained, key)[0]
+            if own[key].shape != shape:
                 raise ValueError(f"calm_fast: model's {key} has shape {tuple(own[key].shape)}, "
-                                 f"pretrained has {tuple(self.pretrained[key].shape)}")
+                                 f"pretrained has {tuple(shape)}")
         for p in self.model.parameters():
             p.requires_grad_(False)
         for head in self.heads.values():
@@ -335,37 +340,95 @@ class CALMMerger:
 
     @torch.no_grad()
     def _finalize_step(self, task, logits) -> dict[str, torch.Tensor]:
-        """The step's binary mask m = [S > 0], packed; parameters without gradient are recorded
-        (they take the average of τ_merged and τj when the base is rebuilt)."""
+        """The step's binary mask m = [S > 0], packed, for each parameter a gradient reached; the
+        others are recorded (they take the average of τ_merged and τj when the base is rebuilt)."""
         rep = self.report
-        masks, kept = {}, 0
+        masks, kept, total = {}, 0, 0
         per_param = rep.mask_density_per_parameter.setdefault(task, {})
         rep.no_grad_keys[task] = [key for key, t in self.tensors.items() if t.grad is None]
         for key, t in self.tensors.items():
+            if t.grad is None:
+                continue
             masks[key] = ops.pack_mask(logits[key])
             on = int((logits[key] > 0).sum())
             per_param[key] = on / max(t.numel(), 1)
-            kept += on
+            kept, total = kept + on, total + t.numel()
             t.grad = None
-        rep.mask_density[task] = kept / max(sum(s.numel() for s in logits.values()), 1)
+        rep.mask_density[task] = kept / max(total, 1)
         return masks
+
+    # ---- progress file (resume) --------------------------------------------------------------
+    def masks(self, bits: dict[str, dict[str, torch.Tensor]]) -> maskfile.Masks:
+        rep = self.report
+        return maskfile.Masks(
+            tasks=self.tasks, initial=list(rep.initial), sequential=list(bits),
+            parameters={k: list(spec(self.pretrained, k)[0]) for k in self.keys},
+            no_grad_keys={t: rep.no_grad_keys[t] for t in bits}, init_scaling=self.config.init_scaling,
+            config=maskfile.config_as_json(self.config), bits=bits)
+
+    def _fingerprint(self) -> dict:
+        """What must match for a progress file to continue this run."""
+        return {"tasks": self.tasks, "seed": self.seed, "config": maskfile.config_as_json(self.config),
+                "parameters": {k: list(spec(self.pretrained, k)[0]) for k in self.keys},
+                "pool_sizes": {t: sampling.pool_size(p) for t, p in self.pools.items()}}
+
+    def _save_progress(self, bits) -> None:
+        resume = {"fingerprint": self._fingerprint(), "planned": self.report.sequential,
+                  "report": dataclasses.asdict(self.report)}
+        tensors = {"generator": self.generator.get_state()}
+        for i, task in enumerate(self.tasks):
+            keep, labels = self.selected[task]
+            tensors[f"keep.{i}"], tensors[f"labels.{i}"] = keep, labels
+        maskfile.write(self.progress_file, self.masks(bits), resume, tensors)
+
+    def _resume(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The finished steps' masks from the progress file, with the run's state restored."""
+        if self.progress_file is None or not os.path.exists(self.progress_file):
+            return None
+        saved, resume, tensors = maskfile.read(self.progress_file)
+        if resume is None:
+            raise ValueError(f"calm_fast: {self.progress_file} is a mask file without resume state")
+        now = self._fingerprint()
+        differs = [name for name in now if resume["fingerprint"].get(name) != now[name]]
+        if differs:
+            raise ValueError(f"calm_fast: {self.progress_file} belongs to another run ({', '.join(differs)} "
+                             "differ); delete it or give another progress file")
+        report = resume["report"]
+        report["pseudo_labels"] = {t: {int(c): n for c, n in counts.items()}
+                                   for t, counts in report["pseudo_labels"].items()}
+        self.report = CALMReport(**report)
+        self.report.sequential = resume["planned"]
+        self.timer.report = self.report
+        self.generator.set_state(tensors["generator"])
+        self.selected = {t: (tensors[f"keep.{i}"], tensors[f"labels.{i}"]) for i, t in enumerate(self.tasks)}
+        return saved.bits
 
     # ---- driver ------------------------------------------------------------------------------
     def run(self):
-        self.pseudo_label()
-        self.choose_order()
+        """Merged tensors (aliasing the model's), the packed masks per step, and the report.
+
+        With a progress file, each finished step is saved to it, and a run that finds it
+        (same tasks, config, seed, parameters and pool sizes) continues after its last step.
+        """
+        bits = self._resume()
+        if bits is None:
+            bits = {}
+            self.pseudo_label()
+            self.choose_order()
         rep = self.report
+        steps = [(task, bits[task], set(rep.no_grad_keys[task])) for task in bits]
         with self.timer.phase("initial_merge"):
-            self._load_merged(rep.initial)
-        masks, steps = {}, []
-        seen = list(rep.initial)
-        for task in rep.sequential:
+            self._load_merged(rep.initial, steps)
+        seen = list(rep.initial) + list(bits)
+        for task in rep.sequential[len(bits):]:
             seen.append(task)
-            masks[task] = self.optimize_step(task, seen)
-            steps.append((task, masks[task], set(rep.no_grad_keys[task])))
+            bits[task] = self.optimize_step(task, seen)
+            steps.append((task, bits[task], set(rep.no_grad_keys[task])))
             with self.timer.phase("mask_finalize"):
                 self._load_merged(rep.initial, steps)
+            if self.progress_file is not None:
+                self._save_progress(bits)
         for t in self.tensors.values():
             if isinstance(t, torch.nn.Parameter):
                 t.requires_grad_(False)
-        return {k: t.detach() for k, t in self.tensors.items()}, masks, rep
+        return {k: t.detach() for k, t in self.tensors.items()}, self.masks(bits), rep

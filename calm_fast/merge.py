@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import baselines, state
+from . import baselines, maskfile, state
 from .calm import CALMConfig, CALMMerger, CALMReport, merged_parameter
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, LazyStateDict, atomic_directory, spec, write_safetensors_dir
 
 METHODS = ("calm",) + baselines.DATA_FREE_METHODS
+MASKS_FILE = "masks.safetensors"
+REPORT_FILE = "report.json"
 
 
 @dataclass
@@ -19,20 +23,33 @@ class MergeResult:
 
     method: str
     state_dict: dict[str, torch.Tensor]
-    masks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # step task -> key -> bits
+    masks: maskfile.Masks | None = None  # CALM: masks.bits[step task][key] = packed uint8 mask
     report: CALMReport | None = None
     config: CALMConfig | baselines.DataFreeConfig | None = None
 
     def save_masks(self, path) -> None:
-        """Bit-packed masks plus what replay() needs, loadable with torch.load(weights_only=True)."""
-        if self.method != "calm":
+        """The bit-packed masks plus what replay() needs (maskfile.py), one safetensors file."""
+        if self.masks is None:
             raise ValueError("calm_fast: only a CALM merge has masks to save")
-        meta = {"initial": self.report.initial, "sequential": self.report.sequential,
-                "no_grad_keys": self.report.no_grad_keys, "init_scaling": self.config.init_scaling}
-        torch.save({"meta": json.dumps(meta), "masks": self.masks}, path)
+        maskfile.write(path, self.masks)
+
+    def save(self, path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+             progress: bool = False) -> None:
+        """A folder: the weights as (sharded) safetensors, masks.safetensors for CALM, report.json.
+        Written under a temporary name and renamed: an interrupted save leaves nothing behind."""
+        def write(folder):
+            write_safetensors_dir(self.state_dict, folder, max_shard_bytes=max_shard_bytes,
+                                  metadata={"calm_fast_method": self.method}, progress=progress_bar(progress))
+            if self.masks is not None:
+                maskfile.write(os.path.join(folder, MASKS_FILE), self.masks)
+            with open(os.path.join(folder, REPORT_FILE), "w") as f:
+                f.write(report_json(self))
+
+        atomic_directory(os.fspath(path), write, overwrite=overwrite)
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool = True):
+    """iterable, **tqdm options -> a progress-bar-wrapped iterable; None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -46,16 +63,31 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def _as_output(merged: dict, pretrained: dict) -> dict[str, torch.Tensor]:
+def _as_output(merged: dict, pretrained) -> dict[str, torch.Tensor]:
+    """Every key of pretrained in its order and dtype: merged values (taken out of `merged` one at
+    a time, so memory stays at one model) and copies of the carried entries."""
     out = {}
-    for key, ref in pretrained.items():
-        value = merged.get(key, ref)
-        out[key] = value.detach().to(device=ref.device, dtype=ref.dtype).clone()
+    for key in pretrained:
+        if key not in merged:
+            out[key] = pretrained[key].clone()
+            continue
+        device = "cpu" if isinstance(pretrained, LazyStateDict) else pretrained[key].device
+        out[key] = merged.pop(key).detach().to(device=device, dtype=spec(pretrained, key)[1], copy=True)
     return out
 
 
+def _load_inputs(pretrained, finetuned, bar=None):
+    tasks = state.named_tasks(finetuned)
+    base = state.load_state_dict(pretrained, what="pretrained")
+    items = list(tasks.items())
+    tuned = {name: state.load_state_dict(src, what=f"task {name!r}")
+             for name, src in (bar(items, desc="loading") if bar else items)}
+    return base, tuned, state.validate(base, tuned)
+
+
 def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None, data=None,
-          forward=None, config=None, device=None, seed: int = 0, progress: bool = True) -> MergeResult:
+          forward=None, config=None, device=None, seed: int = 0, progress: bool = True,
+          progress_file=None) -> MergeResult:
     """Merge fine-tuned copies of `pretrained` into one multi-task model.
 
     pretrained: nn.Module, state dict or checkpoint path. finetuned: task name -> the same kinds
@@ -65,15 +97,16 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     and `model` (the architecture; defaults to a copy of `pretrained` when it is a module);
     `forward(batch) -> features` replaces `model(batch)` for other call signatures.
     config: CALMConfig or DataFreeConfig. Deterministic under `seed` on CPU.
+    progress_file (CALM): a path where each finished sequential step is saved; a run that finds
+    it (same tasks, config, seed, parameters, data sizes) continues after its last step.
+    Checkpoint paths are read lazily (safetensors): the data-free methods then hold one
+    parameter per task at a time, not T models.
     """
     if method not in METHODS:
         raise ValueError(f"calm_fast: unknown method {method!r}; one of {METHODS}")
     device = _resolve_device(device)
-    tasks = state.named_tasks(finetuned)
-    base = state.load_state_dict(pretrained, what="pretrained")
-    tuned = {name: state.load_state_dict(src, what=f"task {name!r}") for name, src in tasks.items()}
-    keys = state.validate(base, tuned)
-    bar = _progress(progress)
+    bar = progress_bar(progress)
+    base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
     torch.manual_seed(seed)
 
     if method != "calm":
@@ -89,7 +122,7 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     for what, given in (("heads", heads), ("data", data)):
         if given is None:
             raise ValueError(f"calm_fast: method 'calm' needs {what} for every task")
-        missing = sorted(set(tasks) - set(given))
+        missing = sorted(set(tuned) - set(given))
         if missing:
             raise ValueError(f"calm_fast: no {what[:-1] if what == 'heads' else what} for task(s) {missing}")
     if model is None:
@@ -97,34 +130,31 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
             raise ValueError("calm_fast: method 'calm' needs `model` when pretrained is not an nn.Module")
         model = copy.deepcopy(pretrained)
     model = model.to(device)
-    merger = CALMMerger(base, tuned, keys, model, heads, data, forward, config, device, seed, bar)
+    merger = CALMMerger(base, tuned, keys, model, heads, data, forward, config, device, seed, bar,
+                        None if progress_file is None else os.fspath(progress_file))
     merged, masks, report = merger.run()
     return MergeResult("calm", _as_output(merged, base), masks, report, config)
 
 
-def replay(pretrained, finetuned, masks_path, *, device=None) -> dict[str, torch.Tensor]:
+def replay(pretrained, finetuned, masks_path, *, device=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Rebuild CALM's merged weights from base + task weights + a saved mask file, with no data."""
     device = _resolve_device(device)
-    saved = torch.load(masks_path, map_location="cpu", weights_only=True)
-    meta = json.loads(saved["meta"])
-    tasks = state.named_tasks(finetuned)
-    base = state.load_state_dict(pretrained, what="pretrained")
-    tuned = {name: state.load_state_dict(src, what=f"task {name!r}") for name, src in tasks.items()}
-    keys = state.validate(base, tuned)
-    absent = sorted((set(meta["initial"]) | set(meta["sequential"])) - set(tuned))
-    if absent:
-        raise ValueError(f"calm_fast: the masks were made with task(s) {absent} that are not given")
-    merged = {}
-    for key in keys:
-        steps = [(task, None if key in meta["no_grad_keys"][task] else saved["masks"][task][key].to(device))
-                 for task in meta["sequential"]]
-        merged[key] = merged_parameter(key, base, tuned, meta["initial"], meta["init_scaling"], steps, device)
+    masks, _, _ = maskfile.read(masks_path)
+    bar = progress_bar(progress)
+    base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
+    maskfile.check_fits(masks, base, keys, tuned, masks_path)
+    merged = {key: merged_parameter(key, base, tuned, masks.initial, masks.init_scaling,
+                                    masks.steps(key, device), device)
+              for key in (bar(keys, desc="replaying") if bar else keys)}
     return _as_output(merged, base)
 
 
 def report_json(result: MergeResult) -> str:
     """The report of a merge as JSON (mask densities, pseudo-label counts, timings...)."""
-    payload = {"method": result.method, "config": {k: str(v) for k, v in asdict(result.config).items()}}
+    from . import __version__
+
+    payload = {"method": result.method, "calm_fast_version": __version__,
+               "config": maskfile.config_as_json(result.config)}
     if result.report is not None:
         payload["report"] = asdict(result.report)
     return json.dumps(payload, indent=2)

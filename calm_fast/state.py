@@ -1,8 +1,8 @@
 """Loading and validating the weights to merge: pretrained + one fine-tuned copy per task.
 
-Weights may come as an nn.Module, a state dict, or a checkpoint path (.safetensors, or a torch
-file read with weights_only=True: a checkpoint never runs code). Parameters are aligned by
-name; every mismatch is reported with the task and key it concerns.
+Weights may come as an nn.Module, a state dict, or a checkpoint path (see checkpoint.py: lazy
+safetensors, sharded or not, Hugging Face folders, weights_only torch files). Parameters are
+aligned by name; every mismatch is reported with the task and key it concerns.
 """
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-StateDict = dict[str, torch.Tensor]
+from .checkpoint import LazyStateDict, read_checkpoint, spec
+
+StateDict = Mapping[str, torch.Tensor]
 
 
 def load_state_dict(source, *, what: str = "weights") -> StateDict:
-    """A flat name -> tensor dict from a module, a mapping or a checkpoint path."""
+    """A flat name -> tensor mapping from a module, a mapping or a checkpoint path (lazy for
+    safetensors: tensors are read on access)."""
     if isinstance(source, torch.nn.Module):
         return {k: v.detach() for k, v in source.state_dict().items()}
     if isinstance(source, (str, os.PathLike)):
-        return _load_file(os.fspath(source), what)
+        return read_checkpoint(os.fspath(source), what)
+    if isinstance(source, LazyStateDict):
+        return source
     if isinstance(source, Mapping):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -27,23 +32,6 @@ def load_state_dict(source, *, what: str = "weights") -> StateDict:
         return dict(source)
     raise TypeError(f"calm_fast: {what} must be an nn.Module, a state dict or a checkpoint path, "
                     f"got {type(source).__name__}")
-
-
-def _load_file(path: str, what: str) -> StateDict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"calm_fast: {what}: no checkpoint at {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code; say so plainly
-        raise ValueError(f"calm_fast: {what}: {path} is not a plain tensor checkpoint "
-                         f"(torch.load(weights_only=True) refused it: {exc})") from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    return load_state_dict(obj, what=what)
 
 
 def named_tasks(finetuned) -> dict[str, object]:
@@ -64,14 +52,17 @@ def named_tasks(finetuned) -> dict[str, object]:
     return dict(pairs)
 
 
-def is_mergeable(t: torch.Tensor) -> bool:
+def is_mergeable(dtype: torch.dtype) -> bool:
     """Float tensors are merged; integer buffers (counters, indices) are carried from pretrained."""
-    return t.is_floating_point()
+    return dtype.is_floating_point
 
 
 def _check_finite(state: StateDict, what: str) -> None:
+    """In-memory weights are checked up front; lazy ones as each tensor is first read."""
+    if isinstance(state, LazyStateDict):
+        return
     for key, value in state.items():
-        if is_mergeable(value) and not bool(torch.isfinite(value).all()):
+        if is_mergeable(value.dtype) and not bool(torch.isfinite(value).all()):
             raise ValueError(f"calm_fast: {what}: {key} holds NaN or Inf")
 
 
@@ -86,13 +77,12 @@ def validate(pretrained: StateDict, finetuned: Mapping[str, StateDict]) -> list[
             raise KeyError(f"calm_fast: {what} lacks {len(missing)} key(s) of pretrained: {missing[:5]}")
         if extra:
             raise KeyError(f"calm_fast: {what} has {len(extra)} key(s) pretrained lacks: {extra[:5]}")
-        for key, ref in pretrained.items():
-            value = state[key]
-            if value.shape != ref.shape:
-                raise ValueError(f"calm_fast: {what}: {key} has shape {tuple(value.shape)}, "
-                                 f"pretrained has {tuple(ref.shape)}")
-            if value.dtype != ref.dtype:
-                raise TypeError(f"calm_fast: {what}: {key} has dtype {value.dtype}, "
-                                f"pretrained has {ref.dtype}")
+        for key in pretrained:
+            (shape, dtype), (ref_shape, ref_dtype) = spec(state, key), spec(pretrained, key)
+            if shape != ref_shape:
+                raise ValueError(f"calm_fast: {what}: {key} has shape {tuple(shape)}, "
+                                 f"pretrained has {tuple(ref_shape)}")
+            if dtype != ref_dtype:
+                raise TypeError(f"calm_fast: {what}: {key} has dtype {dtype}, pretrained has {ref_dtype}")
         _check_finite(state, what)
-    return [k for k, v in pretrained.items() if is_mergeable(v)]
+    return [k for k in pretrained if is_mergeable(spec(pretrained, k)[1])]

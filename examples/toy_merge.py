@@ -1,47 +1,15 @@
 """Merge four fine-tuned copies of a small MLP with every method and compare accuracies.
 
-Four synthetic tasks share one backbone and conflict with each other (each task's labels
-come from a different random projection), so task arithmetic suffers from interference and a
-merge has room to show. CALM sees the test inputs without labels (the paper's setting).
+The four synthetic tasks of toy_tasks.py conflict with each other, so task arithmetic suffers
+from interference and a merge has room to show. CALM sees the test inputs without labels (the
+paper's setting).
 Run: python examples/toy_merge.py [--device cuda] [--updates 100]
 """
 import argparse
 import time
 
-import torch
-from torch import nn
-
 import calm_fast
-
-DIM, HIDDEN, CLASSES, TASKS = 16, 64, 4, ("north", "east", "south", "west")
-
-
-def backbone():
-    return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU())
-
-
-def make_task(g):
-    projection = torch.randn(DIM, CLASSES, generator=g)
-    x = torch.randn(1536, DIM, generator=g)
-    return x[:1024], (x[:1024] @ projection).argmax(1), x[1024:], (x[1024:] @ projection).argmax(1)
-
-
-def fine_tune(pretrained, x, y):
-    model, head = backbone(), nn.Linear(HIDDEN, CLASSES)
-    model.load_state_dict(pretrained.state_dict())
-    opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=3e-3)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(head(model(x)), y).backward()
-        opt.step()
-    return model, head.requires_grad_(False)
-
-
-@torch.no_grad()
-def accuracy(state_dict, heads, tests):
-    model = backbone()
-    model.load_state_dict(state_dict)
-    return {t: float((heads[t](model(x)).argmax(1) == y).float().mean()) for t, (x, y) in tests.items()}
+from toy_tasks import TASKS, accuracy, build
 
 
 def main():
@@ -50,14 +18,7 @@ def main():
     parser.add_argument("--updates", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    pretrained = backbone()
-    finetuned, heads, tests = {}, {}, {}
-    for task in TASKS:
-        x, y, x_test, y_test = make_task(g)
-        finetuned[task], heads[task] = fine_tune(pretrained, x, y)
-        tests[task] = (x_test, y_test)
+    pretrained, finetuned, heads, tests = build(args.seed)
     unlabeled = {t: x for t, (x, _) in tests.items()}
 
     rows = [("pretrained", accuracy(pretrained.state_dict(), heads, tests), 0.0)]

@@ -75,15 +75,15 @@ def test_result_keeps_keys_dtypes_and_carries_buffers(disjoint):
     assert list(result.state_dict) == list(pre_sd)
     assert all(result.state_dict[k].dtype == v.dtype for k, v in pre_sd.items())
     assert torch.equal(result.state_dict["calls"], pre_sd["calls"])
-    for task, bits in result.masks.items():
+    for task, bits in result.masks.bits.items():
         assert all(b.dtype == torch.uint8 and b.numel() == (pre_sd[k].numel() + 7) // 8 for k, b in bits.items())
 
 
 def test_masks_replay_to_identical_weights(disjoint, tmp_path):
     pre, ft, heads, data = disjoint
     result = _calm(pre, ft, heads, data, updates=5)
-    result.save_masks(tmp_path / "masks.pt")
-    rebuilt = calm_fast.replay(pre, ft, tmp_path / "masks.pt", device="cpu")
+    result.save_masks(tmp_path / "masks.safetensors")
+    rebuilt = calm_fast.replay(pre, ft, tmp_path / "masks.safetensors", device="cpu")
     assert all(torch.equal(rebuilt[k], result.state_dict[k]) for k in rebuilt)
 
 

@@ -1,0 +1,151 @@
+"""`calm-fast`: merge from a config file, replay masks, inspect masks, run the op benchmarks."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("calm_fast")
+
+
+def _merge(args) -> int:
+    import calm_fast
+
+    from . import config as config_file
+    from .merge import REPORT_FILE
+
+    job = config_file.load(args.config)
+    if args.device:
+        job.device = args.device
+    overwrite = job.overwrite or args.overwrite
+    if os.path.exists(job.output) and not overwrite:  # fail before the work, not after it
+        raise FileExistsError(f"calm_fast: {job.output} exists; set overwrite: true or pass --overwrite")
+    pretrained, finetuned = job.weights()
+    made = job.build()
+    log.info("merging %d task(s) with %s into %s", len(finetuned), job.method, job.output)
+    result = calm_fast.merge(pretrained, finetuned, method=job.method, config=job.options, device=job.device,
+                             seed=job.seed, progress=not args.quiet, progress_file=job.progress_file, **made)
+    result.save(job.output, max_shard_bytes=job.shard_size, overwrite=overwrite, progress=not args.quiet)
+    if job.progress_file and os.path.exists(job.progress_file):
+        os.remove(job.progress_file)
+    log.info("wrote %s (report: %s)", job.output, os.path.join(job.output, REPORT_FILE))
+    if result.report is not None:
+        log.info("order: initial %s, sequential %s; mask density %s", result.report.initial,
+                 result.report.sequential, {t: round(d, 5) for t, d in result.report.mask_density.items()})
+    return 0
+
+
+def _replay(args) -> int:
+    import calm_fast
+
+    from . import config as config_file
+    from .checkpoint import save_checkpoint
+    from .merge import MASKS_FILE, progress_bar
+
+    job = config_file.load(args.config)
+    masks = args.masks or os.path.join(job.output, MASKS_FILE)
+    pretrained, finetuned = job.weights()
+    merged = calm_fast.replay(pretrained, finetuned, masks, device=args.device or job.device,
+                              progress=not args.quiet)
+    save_checkpoint(merged, args.output, max_shard_bytes=job.shard_size, overwrite=args.overwrite,
+                    progress=progress_bar(not args.quiet))
+    log.info("replayed %s into %s", masks, args.output)
+    return 0
+
+
+def _inspect(args) -> int:
+    from . import mask_report
+
+    path = args.masks
+    if os.path.isdir(path):
+        from .merge import MASKS_FILE
+
+        path = os.path.join(path, MASKS_FILE)
+    table = mask_report.densities(path)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(mask_report.format_table(table))
+    if args.png:
+        mask_report.plot(table, args.png)
+        log.info("wrote %s", args.png)
+    return 0
+
+
+def _bench(args) -> int:
+    from .benchmarks import bench_ops
+
+    argv = list(args.bench_args)
+    if not any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv += ["--out", "calm-fast-bench"]
+    sys.argv[0] = "calm-fast bench"  # the benchmark's own parser names itself after argv[0]
+    return bench_ops.main(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p = argparse.ArgumentParser(prog="calm-fast", description=__doc__,
+                                epilog="The config file format is documented in calm_fast/config.py and the README.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("merge", parents=[common],
+                       help="merge the checkpoints a YAML config names; write weights, masks, report",
+                       description="Merge with CALM or a data-free method as CONFIG says. Writes OUTPUT/ "
+                                   "(sharded safetensors, masks.safetensors for CALM, report.json) atomically; "
+                                   "a CALM run saves each finished step to OUTPUT.progress.safetensors and "
+                                   "continues from it when restarted with the same config.")
+    m.add_argument("config", help="YAML config file (format: calm_fast/config.py, README)")
+    m.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.set_defaults(run=_merge)
+
+    r = sub.add_parser("replay", parents=[common],
+                       help="rebuild CALM's merged weights from a mask file, without data",
+                       description="Rebuild the merged weights from the config's pretrained and fine-tuned "
+                                   "checkpoints and a mask file; no heads, data or factory are needed.")
+    r.add_argument("config", help="the YAML config of the merge (its checkpoints are read)")
+    r.add_argument("--masks", help="mask file (default: OUTPUT/masks.safetensors of the config)")
+    r.add_argument("--output", required=True, help="where to write: a folder, or a .safetensors file")
+    r.add_argument("--device", help="override the config's device")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    r.set_defaults(run=_replay)
+
+    i = sub.add_parser("inspect", parents=[common],
+                       help="mask density per parameter and step, as a table and a PNG",
+                       description="Print the density (kept fraction) of each step's mask per parameter.")
+    i.add_argument("masks", help="a mask file, or a merge output folder holding masks.safetensors")
+    i.add_argument("--png", help="also write a heat map of the densities to this PNG (needs matplotlib)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(run=_inspect)
+
+    b = sub.add_parser("bench", add_help=False,
+                       help="run the op microbenchmarks (eager vs compile vs native vs Triton)",
+                       description="Every argument after 'bench' goes to the op benchmark; "
+                                   "'calm-fast bench --help' lists them. Results go to ./calm-fast-bench "
+                                   "unless --out is given.")
+    b.set_defaults(run=_bench, quiet=False)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser()
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options
+        args = p.parse_args(argv[:1])
+        args.bench_args = argv[1:]
+    else:
+        args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="calm-fast: %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"calm-fast {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

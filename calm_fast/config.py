@@ -1,0 +1,251 @@
+"""The merge config file (YAML) of `calm-fast merge`: parsed and validated before any work.
+
+    method: calm                 # calm | task_arithmetic | ties | consensus | average
+    pretrained: base.safetensors # a checkpoint path (file, shard index, Hugging Face folder)
+                                 # or {open_clip: ViT-B-32, checkpoint: path}
+    finetuned:                   # task name -> the same kinds
+      mnist: mnist.safetensors
+    options: {updates: 50}       # CALMConfig fields (calm) or DataFreeConfig fields (the others)
+    factory: factory.py:build    # calm: fn(**factory_args) -> {heads, data[, model, forward]}
+    factory_args: {}
+    output: merged/              # a folder: (sharded) safetensors, masks.safetensors, report.json
+    device: auto                 # auto | cpu | cuda | cuda:N
+    seed: 0
+    shard_size: 5GB
+    resume: true                 # calm: continue from <output>.progress.safetensors if present
+    overwrite: false
+
+Relative paths (checkpoints, factory file, output) are relative to the config file's folder.
+Every error names the field and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+from .baselines import DataFreeConfig
+from .calm import CALMConfig
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, parse_size
+from .merge import METHODS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FIELDS = ("method", "pretrained", "finetuned", "options", "factory", "factory_args", "output", "device",
+          "seed", "shard_size", "resume", "overwrite")
+
+
+class ConfigError(ValueError):
+    """A config file field that is missing, unknown or of the wrong kind."""
+
+
+@dataclass
+class MergeJob:
+    method: str
+    pretrained: str | OpenClipSource
+    finetuned: dict[str, str | OpenClipSource]
+    options: CALMConfig | DataFreeConfig
+    output: str
+    factory: str | None = None
+    factory_args: dict = field(default_factory=dict)
+    device: str | None = None
+    seed: int = 0
+    shard_size: int = DEFAULT_MAX_SHARD_BYTES
+    resume: bool = True
+    overwrite: bool = False
+    folder: str = "."
+
+    @property
+    def progress_file(self) -> str | None:
+        return f"{self.output.rstrip(os.sep)}.progress.safetensors" if self.method == "calm" and self.resume else None
+
+    def weights(self):
+        """(pretrained, finetuned) as merge() takes them: paths stay paths (read lazily)."""
+        def resolve(source, what):
+            return source.load(what) if isinstance(source, OpenClipSource) else source
+
+        return (resolve(self.pretrained, "pretrained"),
+                {task: resolve(src, f"task {task!r}") for task, src in self.finetuned.items()})
+
+    def build(self) -> dict:
+        """heads / data / model / forward from the factory (CALM)."""
+        if self.factory is None:
+            return {}
+        made = load_factory(self.factory, self.folder)(**self.factory_args)
+        if not isinstance(made, dict) or not {"heads", "data"} <= set(made):
+            raise ConfigError(f"factory {self.factory!r} must return a dict with 'heads' and 'data' "
+                              "(and optionally 'model', 'forward')")
+        unknown = sorted(set(made) - {"heads", "data", "model", "forward"})
+        if unknown:
+            raise ConfigError(f"factory {self.factory!r} returned unknown entries {unknown}")
+        return made
+
+
+def _fail(name: str, allowed: str, value) -> typing.NoReturn:
+    raise ConfigError(f"field {name!r}: must be {allowed}, got {value!r}")
+
+
+def _path(folder: str, value, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        _fail(name, "a path (string)", value)
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(folder, value))
+
+
+@dataclass(frozen=True)
+class OpenClipSource:
+    model: str
+    checkpoint: str | None
+
+    def load(self, what: str) -> torch.nn.Module:
+        from .checkpoint import open_clip_model
+
+        return open_clip_model(self.model, self.checkpoint, what=what)
+
+
+def _source(folder: str, value, name: str):
+    """A checkpoint path, or an open_clip model name with its checkpoint (built when the job runs)."""
+    if isinstance(value, dict):
+        if set(value) - {"open_clip", "checkpoint"} or not isinstance(value.get("open_clip"), str):
+            _fail(name, "a path or {open_clip: MODEL_NAME, checkpoint: PATH}", value)
+        checkpoint = _path(folder, value["checkpoint"], f"{name}.checkpoint") if "checkpoint" in value else None
+        return OpenClipSource(value["open_clip"], checkpoint)
+    return _path(folder, value, name)
+
+
+def _coerce(cls, name: str, value):
+    """A YAML value into the type CALMConfig / DataFreeConfig declares for field `name`."""
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    where = f"options.{name}"
+    if kind == "torch.dtype":
+        if value not in DTYPES:
+            _fail(where, f"one of {sorted(DTYPES)}", value)
+        return DTYPES[value]
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            _fail(where, "a list of task names", value)
+        return tuple(value)
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            _fail(where, "true or false", value)
+        return value
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, "an integer", value)
+        return value
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, "a number", value)
+        return float(value)
+    if not isinstance(value, str):
+        _fail(where, "a string", value)
+    return value
+
+
+def _options(method: str, given, tasks: list[str]):
+    cls = CALMConfig if method == "calm" else DataFreeConfig
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        _fail("options", f"a mapping of {cls.__name__} fields", given)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ConfigError(f"field 'options': {unknown} are not options of method {method!r}; "
+                          f"allowed: {names}")
+    options = cls(**{name: _coerce(cls, name, value) for name, value in given.items()})
+    try:
+        options.validate() if cls is CALMConfig else options.validate(len(tasks))
+    except ValueError as exc:
+        raise ConfigError(f"field 'options': {exc}") from exc
+    return options
+
+
+def parse(raw: dict, folder: str = ".") -> MergeJob:
+    """A MergeJob from the config's mapping; paths resolve against `folder`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of fields {FIELDS}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown}; allowed: {list(FIELDS)}")
+    for name in ("pretrained", "finetuned", "output"):
+        if name not in raw:
+            raise ConfigError(f"field {name!r} is required")
+    method = raw.get("method", "calm")
+    if method not in METHODS:
+        _fail("method", f"one of {list(METHODS)}", method)
+    finetuned = raw["finetuned"]
+    if not isinstance(finetuned, dict) or not finetuned:
+        _fail("finetuned", "a non-empty mapping of task name -> checkpoint", finetuned)
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        _fail("device", "auto, cpu, cuda or cuda:N", device)
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        _fail("seed", "an integer", seed)
+    try:
+        shard_size = parse_size(raw.get("shard_size", DEFAULT_MAX_SHARD_BYTES))
+    except ValueError:
+        _fail("shard_size", "a size such as 5GB, 500MB or a byte count", raw.get("shard_size"))
+    flags = {}
+    for name, default in (("resume", True), ("overwrite", False)):
+        flags[name] = raw.get(name, default)
+        if not isinstance(flags[name], bool):
+            _fail(name, "true or false", flags[name])
+    factory, factory_args = raw.get("factory"), raw.get("factory_args", {})
+    if method == "calm" and factory is None:
+        raise ConfigError("field 'factory' is required for method 'calm' (heads and unlabeled data come "
+                          "from it: 'file.py:function' or 'package.module:function')")
+    if factory is not None and (not isinstance(factory, str) or ":" not in factory):
+        _fail("factory", "'file.py:function' or 'package.module:function'", factory)
+    if not isinstance(factory_args, dict):
+        _fail("factory_args", "a mapping of keyword arguments", factory_args)
+    tasks = [str(t) for t in finetuned]
+    return MergeJob(
+        method=method, pretrained=_source(folder, raw["pretrained"], "pretrained"),
+        finetuned={str(t): _source(folder, v, f"finetuned.{t}") for t, v in finetuned.items()},
+        options=_options(method, raw.get("options"), tasks), output=_path(folder, raw["output"], "output"),
+        factory=factory, factory_args=factory_args, device=None if device == "auto" else device,
+        seed=seed, shard_size=shard_size, folder=folder, **flags)
+
+
+def load(path: str) -> MergeJob:
+    """Parse and validate a YAML config file."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"calm_fast: no config file at {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return parse(raw, os.path.dirname(os.path.abspath(path)))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_factory(spec: str, folder: str = "."):
+    """'file.py:function' (relative to `folder`) or 'package.module:function'."""
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = target if os.path.isabs(target) else os.path.join(folder, target)
+        if not os.path.exists(path):
+            raise ConfigError(f"field 'factory': no file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"calm_fast_factory_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ConfigError(f"field 'factory': cannot import {target!r} ({exc})") from exc
+    if not callable(getattr(module, name, None)):
+        raise ConfigError(f"field 'factory': {target} has no function {name!r}")
+    return getattr(module, name)
