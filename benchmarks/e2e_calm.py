@@ -62,9 +62,7 @@ import contextlib
 import copy
 import datetime as _dt
 import gc
-import glob
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -97,6 +95,7 @@ from calm_fast import CALMConfig, _extension, ops as cf_ops, sampling  # noqa: E
 from calm_fast.calm import CALMMerger  # noqa: E402
 
 import authors_scheme  # noqa: E402  (benchmarks/authors_scheme.py)
+from open_clip_compat import import_open_clip, torchvision_ops_stubbed  # noqa: E402
 import eager_gpu  # noqa: E402  (benchmarks/eager_gpu.py)
 
 GiB = 1 << 30
@@ -116,46 +115,6 @@ PRESETS = {
                   delta_dtype="bf16", autocast=True),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------
-# open_clip, with the torchvision workaround
-
-
-def import_open_clip():
-    """import open_clip; where torchvision's compiled ops cannot load (a CUDA torchvision wheel
-    beside a CPU torch), define the torchvision::nms / qnms schemas its import registers fakes for."""
-    if "open_clip" in sys.modules:
-        return sys.modules["open_clip"]
-    spec = importlib.util.find_spec("torchvision")
-    if spec is not None and "torchvision" not in sys.modules and not _torchvision_ops_exist():
-        loaded = False
-        for lib in glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so")):
-            try:
-                torch.ops.load_library(lib)
-                loaded = True
-                break
-            except Exception:  # noqa: BLE001  (OSError / RuntimeError: undefined symbols, no CUDA)
-                pass
-        if not loaded and not _torchvision_ops_exist():
-            lib = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-            _KEEP.append(lib)
-    import open_clip
-
-    return open_clip
-
-
-_KEEP: list = []
-
-
-def _torchvision_ops_exist() -> bool:
-    try:
-        torch._C._dispatch_has_kernel_for_dispatch_key("torchvision::nms", "Meta")
-        return True
-    except RuntimeError:
-        return False
 
 
 def build_backbone(args) -> torch.nn.Module:
@@ -665,7 +624,7 @@ def metadata(args, argv, device) -> dict:
         "triton": _version("triton"),
         "open_clip_torch": _version("open_clip_torch"),
         "torchvision": _version("torchvision"),
-        "torchvision_ops_stubbed": bool(_KEEP),
+        "torchvision_ops_stubbed": torchvision_ops_stubbed(),
         "calm_fast_native": _extension.NATIVE,
         "calm_fast_native_cuda": _extension.NATIVE_CUDA,
         "calm_fast_backend": cf_ops.resolve_backend(device),

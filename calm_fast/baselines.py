@@ -28,10 +28,10 @@ class DataFreeConfig:
     tall_lambda: float = 0.5  # consensus: λt of the TALL masks
     min_votes: int = 2  # consensus: tasks that must agree to keep a scalar
 
-    def validate(self, num_tasks: int) -> None:
+    def validate(self, num_tasks: int, method: str) -> None:
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"calm_fast: density must lie in (0, 1], got {self.density}")
-        if not 0 <= self.min_votes <= num_tasks:
+        if method == "consensus" and not 0 <= self.min_votes <= num_tasks:
             raise ValueError(f"calm_fast: min_votes must lie in [0, {num_tasks}], got {self.min_votes}")
         if self.tall_lambda < 0:
             raise ValueError(f"calm_fast: tall_lambda must be >= 0, got {self.tall_lambda}")
@@ -58,7 +58,7 @@ def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: Data
                     device, progress=None) -> dict[str, torch.Tensor]:
     """Merged weights for `keys` (the caller carries pretrained's other entries)."""
     num_tasks = len(finetuned)
-    config.validate(num_tasks)
+    config.validate(num_tasks, method)
     if method == "average":
         op_method, weights, thresholds, votes = "sum", [1.0 / num_tasks] * num_tasks, [], 0
     elif method == "task_arithmetic":

@@ -183,18 +183,23 @@ def open_clip_model(model_name: str, checkpoint: str | None = None, *, what: str
     """
     try:
         import open_clip
-    except ImportError as exc:
-        raise ImportError("calm_fast: open_clip checkpoints need open_clip_torch installed") from exc
+    except Exception as exc:  # ImportError, or torchvision's ops failing to register on import
+        raise ImportError(f"calm_fast: open_clip checkpoints need open_clip_torch importable ({exc})") from exc
     if model_name not in open_clip.list_models():
         raise ValueError(f"calm_fast: {what}: open_clip has no model {model_name!r}")
     model = open_clip.create_model(model_name, pretrained=None)
     if checkpoint is not None:
         state = read_checkpoint(checkpoint, what)
         state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: state[k] for k in state}
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
             raise KeyError(f"calm_fast: {what}: {checkpoint} does not fit open_clip {model_name}: "
-                           f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"calm_fast: {what}: {checkpoint} does not fit open_clip {model_name}: {exc}") from exc
     return model
 
 

@@ -160,7 +160,7 @@ def _options(method: str, given, tasks: list[str]):
                           f"allowed: {names}")
     options = cls(**{name: _coerce(cls, name, value) for name, value in given.items()})
     try:
-        options.validate() if cls is CALMConfig else options.validate(len(tasks))
+        options.validate() if cls is CALMConfig else options.validate(len(tasks), method)
     except ValueError as exc:
         raise ConfigError(f"field 'options': {exc}") from exc
     return options

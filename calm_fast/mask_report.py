@@ -56,8 +56,7 @@ def plot(table: dict, path: str) -> None:
     values = np.array([[np.nan if table["parameters"][k]["density"][t] is None else table["parameters"][k]["density"][t]
                         for t in steps] for k in keys], dtype=float).reshape(len(keys), len(steps))
     fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(steps), 1.5 + 0.22 * len(keys)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, interpolation="nearest")
     ax.set_xticks(range(len(steps)), steps)
     ax.set_yticks(range(len(keys)), keys, fontsize=7)

@@ -1,0 +1,152 @@
+"""`calm-fast` end to end on the toy checkpoints of examples/toy_tasks.py, from config files."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import calm_fast
+from calm_fast import config as config_file
+from calm_fast.checkpoint import read_checkpoint
+from calm_fast.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    spec = importlib.util.spec_from_file_location("toy_tasks", EXAMPLES / "toy_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_checkpoints(str(folder))
+    return folder, module.TASKS
+
+
+def _config(toy, tmp_path, **fields):
+    folder, tasks = toy
+    raw = {"method": "calm", "pretrained": str(folder / "pretrained.safetensors"),
+           "finetuned": {t: str(folder / f"{t}.safetensors") for t in tasks},
+           "options": {"updates": 20, "sequential": ["south", "west"]},
+           "factory": f"{EXAMPLES / 'toy_tasks.py'}:factory", "factory_args": {"folder": str(folder)},
+           "output": "out/merged", "device": "cpu", "seed": 0}
+    raw.update(fields)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """calm-fast in this process: (exit code, stdout, stderr)."""
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_merge_replay_inspect_from_a_config_file(cli, toy, tmp_path):
+    path = _config(toy, tmp_path)
+    code, out, err = cli("merge", path, "--quiet")
+    assert code == 0, err
+    merged = tmp_path / "out" / "merged"  # relative to the config file's folder
+    assert sorted(os.listdir(merged)) == ["masks.safetensors", "model.safetensors", "report.json"]
+    assert not (tmp_path / "out" / "merged.progress.safetensors").exists()  # removed once written
+    report = json.loads((merged / "report.json").read_text())
+    assert report["method"] == "calm" and report["report"]["sequential"] == ["south", "west"]
+    assert report["config"]["updates"] == 20
+
+    code, _, err = cli("replay", path, "--output", tmp_path / "replayed.safetensors", "-q")
+    assert code == 0, err
+    weights, replayed = read_checkpoint(str(merged)), read_checkpoint(str(tmp_path / "replayed.safetensors"))
+    assert set(weights) == set(replayed) and all(torch.equal(weights[k], replayed[k]) for k in weights)
+
+    code, out, err = cli("inspect", merged, "--json", "--png", tmp_path / "density.png")
+    assert code == 0, err
+    table = json.loads(out)
+    for task in ("south", "west"):
+        expected = report["report"]["mask_density_per_parameter"][task]
+        assert {k: row["density"][task] for k, row in table["parameters"].items()} == pytest.approx(expected)
+    assert (tmp_path / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = cli("inspect", merged / "masks.safetensors")
+    assert code == 0 and "all masked parameters" in out and "0.weight" in out
+
+    code, _, err = cli("merge", path, "-q")
+    assert code == 2 and "exists" in err  # refuses to overwrite before doing the work
+
+
+def test_data_free_merge_writes_shards_equal_to_the_python_api(cli, toy, tmp_path):
+    folder, tasks = toy
+    path = _config(toy, tmp_path, method="ties", options={"density": 0.3}, factory=None, factory_args=None,
+                   shard_size="8KB")
+    code, _, err = cli("merge", path, "-q")
+    assert code == 0, err
+    merged = tmp_path / "out" / "merged"
+    files = os.listdir(merged)
+    assert "model.safetensors.index.json" in files and sum(f.startswith("model-") for f in files) >= 2
+    expected = calm_fast.merge(str(folder / "pretrained.safetensors"),
+                               {t: str(folder / f"{t}.safetensors") for t in tasks}, method="ties",
+                               config=calm_fast.DataFreeConfig(density=0.3), device="cpu", progress=False)
+    written = read_checkpoint(str(merged))
+    assert all(torch.equal(written[k], v) for k, v in expected.state_dict.items())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "magic"}, "field 'method': must be one of"),
+    ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+    ({"output": None}, "field 'output' is required"),
+    ({"options": {"updates": "many"}}, "field 'options.updates': must be an integer"),
+    ({"options": {"step": "sideways"}}, "CALMConfig.step must be one of"),
+    ({"options": {"lr_scale": 2}}, r"\['lr_scale'\] are not options of method 'calm'"),
+    ({"options": {"delta_dtype": "int8"}}, "field 'options.delta_dtype': must be one of"),
+    ({"factory": None}, "field 'factory' is required for method 'calm'"),
+    ({"factory": "no_colon"}, "field 'factory': must be"),
+    ({"device": "tpu"}, "field 'device': must be auto, cpu, cuda or cuda:N"),
+    ({"shard_size": "huge"}, "field 'shard_size': must be a size"),
+    ({"resume": "yes"}, "field 'resume': must be true or false"),
+    ({"finetuned": {}}, "field 'finetuned': must be a non-empty mapping"),
+    ({"pretrained": {"open_clip": 3}}, "field 'pretrained': must be a path or {open_clip"),
+])
+def test_config_errors_name_the_field(cli, toy, tmp_path, fields, message):
+    path = _config(toy, tmp_path, **fields)
+    with pytest.raises(config_file.ConfigError, match=message):
+        config_file.load(str(path))
+    code, _, err = cli("merge", path, "-q")
+    assert code == 2 and "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_checkpoint_fails_cleanly_and_writes_nothing(cli, toy, tmp_path):
+    folder, tasks = toy
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((folder / "east.safetensors").read_bytes()[:-9])
+    path = _config(toy, tmp_path, finetuned={t: str(cut if t == "east" else folder / f"{t}.safetensors")
+                                             for t in tasks})
+    code, _, err = cli("merge", path, "-q")
+    assert code == 2 and "cut.safetensors is not a readable safetensors file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _help(*args):
+    run = subprocess.run([sys.executable, "-m", "calm_fast.cli", *args, "--help"], capture_output=True,
+                         text=True, timeout=120)
+    return run.returncode, run.stdout
+
+
+def test_every_command_has_complete_help():
+    code, out = _help()
+    assert code == 0 and all(c in out for c in ("merge", "replay", "inspect", "bench"))
+    for command, flags in (("merge", ("--device", "--overwrite", "--quiet")),
+                           ("replay", ("--masks", "--output", "--device")),
+                           ("inspect", ("--png", "--json")),
+                           ("bench", ("--quick", "--sizes", "--ops", "--device"))):
+        code, out = _help(command)
+        assert code == 0 and all(f in out for f in flags), (command, out)
