@@ -24,6 +24,7 @@ BYTE MODELS (bytes read + written per call, each input read once, each output wr
 es = element size of the op's tensors; N = elements):
   mask_step_      base=None: read S (4), theta, g, delta; write S (4), theta: N*(8 + 4*es)
                   (fp32: 24 B/elem, bf16 weights/grad/delta: 16 B/elem)
+  mask_grad_sumsq read S (4), g, delta; write one scalar: N*(4 + 2*es)  (fp32: 12 B, bf16: 8 B)
   masked_apply_   hard: read theta, delta, S (4); write theta: N*(3*es + 4)  (fp32: 16 B)
                   packed: read theta, delta, N/8 mask bytes; write theta: N*3*es + N/8 (12.125 B)
   consensus_merge read T task vectors, write 1 merged: (T+1)*N*es  (T=8 fp32: 36 B/elem)
@@ -76,7 +77,7 @@ from calm_fast import _extension, ops as cf_ops, reference  # noqa: E402
 
 MiB = 1 << 20
 LOADAVG: list[float] = []  # 1-minute load average at the start and at the end of the run
-OPS = ("mask_step_", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
+OPS = ("mask_step_", "mask_grad_sumsq", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
        "pack_mask")
 VARIANTS = ("eager", "compile", "native", "triton")
 VIT_L14_VISUAL = 303_966_208  # CLIP ViT-L/14 visual tower parameters
@@ -190,6 +191,15 @@ def build_cases(args, device) -> list[Case]:
                     lambda f, i: f(i["S"], i["W"], i["G"], i["D"], None, lr=1e4, l1=1.0, reg="polarize"),
                     lambda i, r: [i["S"], i["W"]], mutates=True,
                     tol=dict(rtol=2e-2, atol=1e-5) if dt == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)))
+        if "mask_grad_sumsq" in args.ops:
+            for dt in (torch.float32, torch.bfloat16):
+                def make(gen, n=n, dt=dt):
+                    return dict(S=_randn(n, gen, dev, 3.0), G=_randn(n, gen, dev, 1e-3, dt),
+                                D=_randn(n, gen, dev, 1e-3, dt))
+                cases.append(Case(
+                    "mask_grad_sumsq", "bf16" if dt == torch.bfloat16 else "fp32", str(dt).split(".")[-1],
+                    n, f"({human(n)},)", n * (4 + 2 * _es(dt)), make,
+                    lambda f, i: f(i["S"], i["G"], i["D"]), lambda i, r: [r], tol=dict(rtol=1e-4, atol=0)))
         if "masked_apply_" in args.ops:
             for mode in ("hard", "packed"):
                 def make(gen, n=n, mode=mode):

@@ -46,6 +46,12 @@ def mask_step_(logits, weight, grad, delta, base=None, *, lr: float, l1: float =
     weight.copy_(theta)
 
 
+def mask_grad_sumsq(logits, grad, delta):
+    """sum((g * delta * sig'(S))^2), as the normalized step's eager loop wrote it per parameter."""
+    p = torch.sigmoid(logits)
+    return (grad.float() * delta.float() * p * (1 - p)).square().sum()
+
+
 def unpack_mask(packed, numel: int):
     """Bits of a uint8 vector, as research code unpacks them: shift, and, reshape, slice."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)

@@ -54,6 +54,17 @@ def check_mask_step(logits, weight, grad, delta, base, reg) -> None:
         _fail(op, f"reg must be one of {MASK_STEP_REGS}, got {reg!r}")
 
 
+def check_mask_grad_sumsq(logits, grad, delta) -> None:
+    op = "mask_grad_sumsq"
+    if logits.dtype != torch.float32:
+        _fail(op, f"logits must be float32, got {logits.dtype}", TypeError)
+    _check_contiguous(op, "logits", logits)
+    _check_float(op, "grad", grad)
+    _check_float(op, "delta", delta)
+    _check_same(op, "logits", logits, "grad", grad)
+    _check_same(op, "logits", logits, "delta", delta)
+
+
 def packed_numel(numel: int) -> int:
     return (numel + 7) // 8
 
@@ -151,6 +162,11 @@ def register_fakes() -> None:
     @torch.library.register_fake(lib + "mask_step_")
     def _(logits, weight, grad, delta, base, lr, l1, reg):
         check_mask_step(logits, weight, grad, delta, base, reg)
+
+    @torch.library.register_fake(lib + "mask_grad_sumsq")
+    def _(logits, grad, delta):
+        check_mask_grad_sumsq(logits, grad, delta)
+        return logits.new_empty((), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "masked_apply_")
     def _(weight, delta, mask, mask_mode):

@@ -43,14 +43,16 @@ def task_vectors(theta0: torch.Tensor, states, key, device) -> list[torch.Tensor
     return [(state[key].to(device, torch.float32) - theta0).contiguous() for state in states]
 
 
-def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device) -> list[float]:
+def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device, progress=None) -> list[float]:
     """Per task, the magnitude of its k-th largest task-vector entry, k = density · N."""
     thresholds = []
-    for state in finetuned.values():
+    states = list(finetuned.values())
+    for state in (progress(states, desc="TIES thresholds") if progress else states):
         taus = [task_vectors(pretrained[key], [state], key, device)[0] for key in keys]
         k = int(density * sum(t.numel() for t in taus))
         threshold, _ = ops.magnitude_threshold(taus, k)
         thresholds.append(float(threshold))
+        del taus  # before the next task's are built: one model of task vectors at a time
     return thresholds
 
 
@@ -64,7 +66,7 @@ def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: Data
     elif method == "task_arithmetic":
         op_method, weights, thresholds, votes = "sum", [config.scaling] * num_tasks, [], 0
     elif method == "ties":
-        thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device)
+        thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device, progress)
         op_method, weights, votes = "ties", [config.scaling] * num_tasks, 0
     elif method == "consensus":
         op_method, weights, votes = "consensus", [config.scaling] * num_tasks, config.min_votes

@@ -309,15 +309,14 @@ class CALMMerger:
         cfg = self.config
         if cfg.step == "authors":
             return cfg.step_size
-        square_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        count = 0
+        sums, count = [], 0
         for key, t in self.tensors.items():
-            if t.grad is None:
-                continue
-            p = torch.sigmoid(logits[key])
-            square_sum += (t.grad.float() * deltas[key].float() * p * (1 - p)).square().sum()
-            count += t.numel()
-        rms = (square_sum / max(count, 1)).sqrt().item()
+            if t.grad is not None:
+                sums.append(ops.mask_grad_sumsq(logits[key], t.grad, deltas[key]))
+                count += t.numel()
+        if not sums:
+            return 0.0
+        rms = (torch.stack(sums).sum() / count).sqrt().item()  # the update's one host sync
         return cfg.step_size / rms if rms > 0 else 0.0
 
     def optimize_step(self, task: str, seen: list[str]) -> dict[str, torch.Tensor]:

@@ -42,7 +42,10 @@ class LazyStateDict(Mapping):
     """name -> tensor over safetensors files; each access reads that one tensor from disk.
 
     Shapes and dtypes come from the headers (`spec`), so checkpoints are validated without
-    reading their data. A tensor is checked for NaN/Inf the first time it is read.
+    reading their data. A tensor is checked for NaN/Inf the first time it is read. Files are
+    opened per access: safetensors maps the file and returns views into the mapping, so a handle
+    kept open would keep every page ever read resident (RSS of T models after a streamed merge);
+    per access, only the tensors still referenced stay mapped.
     """
 
     def __init__(self, files: list[str], what: str):
@@ -50,23 +53,23 @@ class LazyStateDict(Mapping):
 
         self.what = what
         self._key_to_file: dict[str, str] = {}
-        self._handles = {}
         self._specs = {}
         self._checked: set[str] = set()
         for path in files:
             try:
-                handle = safe_open(path, framework="pt", device="cpu")
+                with safe_open(path, framework="pt", device="cpu") as handle:
+                    for key in handle.keys():
+                        if key in self._key_to_file:
+                            raise CheckpointError(f"calm_fast: {what}: {key} is in both "
+                                                  f"{self._key_to_file[key]} and {path}")
+                        self._key_to_file[key] = path
+                        view = handle.get_slice(key)
+                        self._specs[key] = (torch.Size(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
+            except CheckpointError:
+                raise
             except Exception as exc:  # SafetensorError: truncated, bad header
                 raise CheckpointError(f"calm_fast: {what}: {path} is not a readable safetensors file "
                                       f"({exc})") from exc
-            self._handles[path] = handle
-            for key in handle.keys():
-                if key in self._key_to_file:
-                    raise CheckpointError(f"calm_fast: {what}: {key} is in both {self._key_to_file[key]} "
-                                          f"and {path}")
-                self._key_to_file[key] = path
-                view = handle.get_slice(key)
-                self._specs[key] = (torch.Size(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
 
     def keys_of(self, path: str) -> set[str]:
         return {key for key, file in self._key_to_file.items() if file == path}
@@ -75,8 +78,10 @@ class LazyStateDict(Mapping):
         return self._specs[key]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        path = self._key_to_file[key]
-        tensor = self._handles[path].get_tensor(key)
+        from safetensors import safe_open
+
+        with safe_open(self._key_to_file[key], framework="pt", device="cpu") as handle:
+            tensor = handle.get_tensor(key)
         if key not in self._checked:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"calm_fast: {self.what}: {key} holds NaN or Inf")

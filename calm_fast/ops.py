@@ -84,6 +84,11 @@ def mask_step_(logits, weight, grad, delta, base=None, *, lr: float, l1: float =
     _dispatch("mask_step_", logits.device, backend)(logits, weight, grad, delta, base, lr, l1, reg)
 
 
+def mask_grad_sumsq(logits, grad, delta, *, backend: str | None = None) -> torch.Tensor:
+    """Σ (g·δ·σ'(S))², a 0-d fp32 tensor on the inputs' device (no host sync)."""
+    return _dispatch("mask_grad_sumsq", logits.device, backend)(logits, grad, delta)
+
+
 def masked_apply_(weight, delta, mask, mode: str = "hard", *, backend: str | None = None) -> None:
     """weight += m ⊙ delta in place, m from soft/hard mask logits or a packed mask."""
     _dispatch("masked_apply_", weight.device, backend)(weight, delta, mask, mode)

@@ -32,6 +32,15 @@ def mask_step_(logits, weight, grad, delta, base, lr: float, l1: float, reg: str
     logits.copy_(s_new)
 
 
+def mask_grad_sumsq(logits, grad, delta) -> torch.Tensor:
+    """Σ (g·δ·σ'(S))² as a 0-d fp32 tensor: the squared norm of the logit step's gradient term,
+    which the normalized step rule divides by. Reads S, g, δ once; writes nothing."""
+    _meta.check_mask_grad_sumsq(logits, grad, delta)
+    p = torch.sigmoid(logits)
+    step = grad.float() * delta.float() * (p * (1 - p))
+    return step.square().sum()
+
+
 def _mask_values(mask: torch.Tensor, mode: str, numel: int) -> torch.Tensor:
     if mode == "soft":
         return torch.sigmoid(mask).reshape(-1)

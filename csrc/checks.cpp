@@ -60,6 +60,18 @@ MaskReg check_mask_step(const at::Tensor& logits, const at::Tensor& weight, cons
                     std::string(reg), "'");
 }
 
+void check_mask_grad_sumsq(const at::Tensor& logits, const at::Tensor& grad,
+                           const at::Tensor& delta) {
+  const char* op = "mask_grad_sumsq";
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "calm_fast.", op,
+                   ": logits must be float32, got ", logits.scalar_type());
+  check_contiguous(op, "logits", logits);
+  check_float(op, "grad", grad);
+  check_float(op, "delta", delta);
+  check_same(op, "logits", logits, "grad", grad);
+  check_same(op, "logits", logits, "delta", delta);
+}
+
 MaskMode check_masked_apply(const at::Tensor& weight, const at::Tensor& delta,
                             const at::Tensor& mask, c10::string_view mode) {
   const char* op = "masked_apply_";

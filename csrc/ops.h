@@ -25,6 +25,8 @@ enum class ConsensusMethod : int { kSum = 0, kTies = 1, kConsensus = 2 };
 MaskReg check_mask_step(const at::Tensor& logits, const at::Tensor& weight, const at::Tensor& grad,
                         const at::Tensor& delta, const std::optional<at::Tensor>& base,
                         c10::string_view reg);
+void check_mask_grad_sumsq(const at::Tensor& logits, const at::Tensor& grad,
+                           const at::Tensor& delta);
 MaskMode check_masked_apply(const at::Tensor& weight, const at::Tensor& delta,
                             const at::Tensor& mask, c10::string_view mode);
 ConsensusMethod check_consensus_merge(const std::vector<at::Tensor>& task_vectors,

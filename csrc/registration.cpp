@@ -16,6 +16,7 @@ C10_DECLARE_bool(caffe2_cpu_allocator_do_junk_fill);
 TORCH_LIBRARY(calm_fast, m) {
   m.def("mask_step_(Tensor(a!) logits, Tensor(b!) weight, Tensor grad, Tensor delta, "
         "Tensor? base, float lr, float l1, str reg) -> ()");
+  m.def("mask_grad_sumsq(Tensor logits, Tensor grad, Tensor delta) -> Tensor");
   // "mask_mode", not "mode": torch.library.opcheck breaks on an argument named mode.
   m.def("masked_apply_(Tensor(a!) weight, Tensor delta, Tensor mask, str mask_mode) -> ()");
   m.def("consensus_merge(Tensor[] task_vectors, float[] weights, float[] thresholds, str method, "

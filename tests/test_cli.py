@@ -150,3 +150,9 @@ def test_every_command_has_complete_help():
                            ("bench", ("--quick", "--sizes", "--ops", "--device"))):
         code, out = _help(command)
         assert code == 0 and all(f in out for f in flags), (command, out)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(example):
+    job = config_file.load(str(example))
+    assert job.output.startswith(str(EXAMPLES))

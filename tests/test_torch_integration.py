@@ -7,7 +7,7 @@ import torch
 from calm_fast import _extension, ops, reference
 
 pytestmark = pytest.mark.skipif(not _extension.NATIVE, reason="native extension not built")
-OPS = ["mask_step_", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
+OPS = ["mask_step_", "mask_grad_sumsq", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
        "pack_mask", "unpack_mask"]
 
 
@@ -19,6 +19,7 @@ def _samples():
     return {
         "mask_step_": [(s.clone(), x.clone(), torch.randn(37, generator=g), x, None, 3.0, 1.0, "polarize"),
                        (s.clone(), x.clone(), x, x, x.clone(), 3.0, 1.0, "l1")],
+        "mask_grad_sumsq": [(s, x, x), (s, x, x.to(torch.bfloat16))],
         "masked_apply_": [(x.clone(), x, s, "soft"), (x.clone(), x, reference.pack_mask(s), "packed")],
         "consensus_merge": [(taus, [0.3, 0.3, 0.3], [], "sum", 0),
                             (taus, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], "ties", 0),
@@ -39,11 +40,12 @@ def test_opcheck(name):
 
 def test_compile_fullgraph_matches_eager():
     def merge_step(logits, weight, grad, delta, taus):
+        norm = torch.ops.calm_fast.mask_grad_sumsq(logits, grad, delta)
         torch.ops.calm_fast.mask_step_(logits, weight, grad, delta, None, 2.0, 1.0, "polarize")
         merged = torch.ops.calm_fast.consensus_merge(taus, [0.5] * len(taus), [], "sum", 0)
         packed = torch.ops.calm_fast.pack_mask(logits)
         h, i = torch.ops.calm_fast.entropy_argmax(weight.reshape(-1, 4))
-        return merged, packed, h, i
+        return merged, packed, h, i, norm
 
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(64, generator=g) for _ in range(4)]

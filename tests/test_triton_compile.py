@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-KERNELS = {"_mask_step_kernel", "_masked_apply_kernel", "_consensus_merge_kernel", "_entropy_argmax_kernel",
+KERNELS = {"_mask_step_kernel", "_mask_grad_sumsq_kernel", "_masked_apply_kernel", "_consensus_merge_kernel", "_entropy_argmax_kernel",
            "_pack_kernel", "_unpack_kernel", "_radix_hist_kernel"}
 
 

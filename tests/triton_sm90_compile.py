@@ -60,6 +60,7 @@ for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(n).to(dtype)
     s = torch.randn(n)
     tk.mask_step_(s, x.clone(), x, x, None, 1.0, 1.0, "polarize")
+    tk.mask_grad_sumsq(s, x, x)
     tk.masked_apply_(x.clone(), x, torch.zeros(n // 8, dtype=torch.uint8), "packed")
     tk.consensus_merge([x] * 8, [0.3] * 8, [0.1] * 8, "ties", 0)
     tk.entropy_argmax(torch.randn(64, 1000).to(dtype))

@@ -1,8 +1,11 @@
-// CPU kernels of mask_step_ (CALM's fused mask update) and masked_apply_ (θ += m ⊙ δ).
-// One sweep over the scalars, fp32 arithmetic, the reference's per-element formulas and order.
+// CPU kernels of mask_step_ (CALM's fused mask update), mask_grad_sumsq (the normalized step's
+// Σ (g·δ·σ'(S))²) and masked_apply_ (θ += m ⊙ δ). One sweep over the scalars, fp32 arithmetic,
+// the reference's per-element formulas and order.
 #include "ops.h"
 
 #include <torch/library.h>
+
+#include <functional>
 
 #include "cpu_utils.h"
 
@@ -83,6 +86,44 @@ void mask_step_cpu(at::Tensor& logits, at::Tensor& weight, const at::Tensor& gra
       mask_step_impl<decltype(w_tag), decltype(d_tag)>(logits, weight, grad, delta, base, args);
     });
   });
+}
+
+// ---- mask_grad_sumsq -----------------------------------------------------------------------
+
+// Squares are formed in fp32 like the reference's, summed in double per chunk: the chunks of
+// at::parallel_reduce depend only on n and the thread count, so the result is reproducible.
+template <typename G, typename D>
+double mask_grad_sumsq_chunk(const float* __restrict s_ptr, const typename G::storage* __restrict g_ptr,
+                             const typename D::storage* __restrict d_ptr, int64_t begin, int64_t end) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = begin; i < end; ++i) {
+    const float p = sigmoid_f32(s_ptr[i]);
+    const float v = (G::load(g_ptr[i]) * D::load(d_ptr[i])) * (p * (1.0f - p));
+    acc += static_cast<double>(v * v);
+  }
+  return acc;
+}
+
+at::Tensor mask_grad_sumsq_cpu(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& delta) {
+  check_mask_grad_sumsq(logits, grad, delta);
+  double total = 0.0;
+  dispatch_float(grad.scalar_type(), [&](auto g_tag) {
+    dispatch_float(delta.scalar_type(), [&](auto d_tag) {
+      using G = decltype(g_tag);
+      using D = decltype(d_tag);
+      const float* s = logits.data_ptr<float>();
+      const auto* g = data<G>(grad);
+      const auto* d = data<D>(delta);
+      total = at::parallel_reduce(
+          int64_t{0}, logits.numel(), kGrain, 0.0,
+          [&](int64_t begin, int64_t end, double partial) {
+            return partial + mask_grad_sumsq_chunk<G, D>(s, g, d, begin, end);
+          },
+          std::plus<double>());
+    });
+  });
+  return at::full({}, static_cast<float>(total), logits.options());
 }
 
 // ---- masked_apply_ --------------------------------------------------------------------------
@@ -175,5 +216,6 @@ void masked_apply_cpu(at::Tensor& weight, const at::Tensor& delta, const at::Ten
 
 TORCH_LIBRARY_IMPL(calm_fast, CPU, m) {
   m.impl("mask_step_", &calm_fast::cpu::mask_step_cpu);
+  m.impl("mask_grad_sumsq", &calm_fast::cpu::mask_grad_sumsq_cpu);
   m.impl("masked_apply_", &calm_fast::cpu::masked_apply_cpu);
 }

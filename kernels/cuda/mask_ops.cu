@@ -1,6 +1,8 @@
-// CUDA kernels of mask_step_ and masked_apply_ (see calm_fast/reference.py for the math).
+// CUDA kernels of mask_step_, mask_grad_sumsq and masked_apply_ (see calm_fast/reference.py for
+// the math).
 //
-// Both are one-pass element-wise kernels on the grid-stride driver of cuda_utils.cuh: each
+// mask_grad_sumsq is a grid-stride reduction: per-block partial sums, then at::sum over them, so
+// the result does not depend on scheduling (no atomics). The other two are one-pass element-wise kernels on the grid-stride driver of cuda_utils.cuh: each
 // thread handles groups of kVec = 8 elements (two 16-byte accesses per fp32 operand, one per
 // 16-bit operand, one byte of a packed mask) when every operand is aligned, single elements
 // otherwise and for the tail. fp32 math with the reference's operation order and no fma
@@ -98,6 +100,79 @@ void mask_step_cuda(at::Tensor& logits, at::Tensor& weight, const at::Tensor& gr
   });
 }
 
+// Σ (g·δ·σ'(S))² over [0, n): each thread sums kVec-groups (aligned) or single elements, the
+// block reduces through shuffles and shared memory, thread 0 writes partials[blockIdx.x].
+template <typename G, typename D, int N>
+__global__ void __launch_bounds__(cuda::kThreads)
+    mask_grad_sumsq_kernel(const float* __restrict__ logits, const G* __restrict__ grad,
+                           const D* __restrict__ delta, int64_t n, float* __restrict__ partials) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  float acc = 0.0f;
+  auto add = [&](int64_t i, auto width) {
+    constexpr int M = decltype(width)::value;
+    float s[M], g[M], d[M];
+    load_float<M, float, true>(logits + i, s);
+    load_float<M, G, true>(grad + i, g);
+    load_float<M, D, true>(delta + i, d);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float p = cuda::sigmoid_f32(s[j]);
+      const float v = __fmul_rn(__fmul_rn(g[j], d[j]), __fmul_rn(p, __fsub_rn(1.0f, p)));
+      acc = __fadd_rn(acc, __fmul_rn(v, v));
+    }
+  };
+  const int64_t groups = n / N;
+  for (int64_t v = tid; v < groups; v += stride) add(v * N, std::integral_constant<int, N>{});
+  if constexpr (N > 1) {
+    const int64_t i = groups * N + tid;
+    if (i < n) add(i, std::integral_constant<int, 1>{});
+  }
+  __shared__ float warp_sums[cuda::kThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    acc = threadIdx.x < cuda::kThreads / 32 ? warp_sums[threadIdx.x] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  }
+}
+
+template <typename G, typename D, int N>
+at::Tensor launch_mask_grad_sumsq(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& delta) {
+  static const int blocks_per_sm = cuda::occupancy(mask_grad_sumsq_kernel<G, D, N>);
+  const int64_t n = logits.numel();
+  const int64_t blocks = cuda::grid_stride_blocks(n / N + 1, blocks_per_sm);
+  at::Tensor partials = at::empty({blocks}, logits.options());
+  mask_grad_sumsq_kernel<G, D, N><<<static_cast<unsigned>(blocks), cuda::kThreads, 0,
+                                    c10::cuda::getCurrentCUDAStream()>>>(
+      cuda::ptr_of<const float>(logits), cuda::ptr_of<const G>(grad), cuda::ptr_of<const D>(delta), n,
+      cuda::ptr_of<float>(partials));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partials.sum();
+}
+
+at::Tensor mask_grad_sumsq_cuda(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& delta) {
+  check_mask_grad_sumsq(logits, grad, delta);
+  TORCH_CHECK_VALUE(logits.is_cuda(), "calm_fast.mask_grad_sumsq: logits must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  if (logits.numel() == 0) return at::zeros({}, logits.options());
+  return cuda::dispatch_float(grad.scalar_type(), "mask_grad_sumsq", [&](auto gtag) {
+    using G = typename decltype(gtag)::type;
+    return cuda::dispatch_float(delta.scalar_type(), "mask_grad_sumsq", [&](auto dtag) {
+      using D = typename decltype(dtag)::type;
+      const bool aligned = cuda::is_vec_aligned<kVec, float>(logits.data_ptr()) &&
+                           cuda::is_vec_aligned<kVec, G>(grad.data_ptr()) &&
+                           cuda::is_vec_aligned<kVec, D>(delta.data_ptr());
+      return aligned ? launch_mask_grad_sumsq<G, D, kVec>(logits, grad, delta)
+                     : launch_mask_grad_sumsq<G, D, 1>(logits, grad, delta);
+    });
+  });
+}
+
 // θ <- θ + m·δ (fp32). The product m·δ is formed even for m = 0 (0·inf = NaN, as in torch).
 template <typename W, typename D, MaskMode kMode>
 struct MaskedApplyOp {
@@ -175,5 +250,6 @@ void masked_apply_cuda(at::Tensor& weight, const at::Tensor& delta, const at::Te
 
 TORCH_LIBRARY_IMPL(calm_fast, CUDA, m) {
   m.impl("mask_step_", &calm_fast::mask_step_cuda);
+  m.impl("mask_grad_sumsq", &calm_fast::mask_grad_sumsq_cuda);
   m.impl("masked_apply_", &calm_fast::masked_apply_cuda);
 }

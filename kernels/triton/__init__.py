@@ -6,11 +6,12 @@ Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
 from .consensus_merge import consensus_merge
 from .entropy_argmax import entropy_argmax
 from .magnitude_threshold import magnitude_threshold
-from .mask_ops import mask_step_, masked_apply_
+from .mask_ops import mask_grad_sumsq, mask_step_, masked_apply_
 from .mask_packing import pack_mask, unpack_mask
 
 __all__ = [
     "mask_step_",
+    "mask_grad_sumsq",
     "masked_apply_",
     "consensus_merge",
     "magnitude_threshold",

@@ -1,6 +1,7 @@
-"""Triton mask_step_ and masked_apply_: one in-place pass, fp32 math, native-dtype storage."""
+"""Triton mask_step_, mask_grad_sumsq and masked_apply_: one pass, fp32 math, native-dtype storage."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -51,6 +52,31 @@ def mask_step_(logits, weight, grad, delta, base, lr: float, l1: float, reg: str
         _mask_step_kernel[grid_1d(n)](
             logits, weight, grad, delta, base if has_base else weight, n, float(lr), float(l1),
             HAS_BASE=has_base, REG=_REGS[reg], BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+@triton.jit
+def _mask_grad_sumsq_kernel(logits_ptr, grad_ptr, delta_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    offs = block_offsets(BLOCK)
+    m = offs < n
+    s = tl.load(logits_ptr + offs, mask=m, other=0.0)
+    g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(delta_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    p = tl.sigmoid(s)
+    v = g * d * (p * (1.0 - p))  # masked lanes load g = d = 0: v = 0
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(v * v, axis=0))
+
+
+def mask_grad_sumsq(logits, grad, delta) -> torch.Tensor:
+    """Σ (g·δ·σ'(S))²: per-program partial sums, then their sum (no atomics: reproducible)."""
+    _meta.check_mask_grad_sumsq(logits, grad, delta)
+    n = logits.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32, device=logits.device)
+    grid = grid_1d(n)
+    partials = torch.empty(grid[0], dtype=torch.float32, device=logits.device)
+    with device_guard(logits):
+        _mask_grad_sumsq_kernel[grid](logits, grad, delta, partials, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return partials.sum()
 
 
 @triton.jit
