@@ -37,16 +37,21 @@ def _check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.T
     _check_contiguous(op, name, t)
 
 
-def check_mask_step(logits, weight, grad, delta, base, reg) -> None:
-    op = "mask_step_"
+def _check_logits_and_operands(op: str, logits, **operands) -> None:
+    """What the mask ops share: fp32 contiguous logits, and float operands shaped like them."""
     if logits.dtype != torch.float32:
         _fail(op, f"logits must be float32, got {logits.dtype}", TypeError)
     _check_contiguous(op, "logits", logits)
-    _check_float(op, "weight", weight)
-    _check_float(op, "delta", delta)
-    for name, t in (("weight", weight), ("grad", grad), ("delta", delta), ("base", base)):
-        if t is not None:
-            _check_same(op, "logits", logits, name, t)
+    for name, t in operands.items():
+        _check_float(op, name, t)
+        _check_same(op, "logits", logits, name, t)
+
+
+def check_mask_step(logits, weight, grad, delta, base, reg) -> None:
+    op = "mask_step_"
+    _check_logits_and_operands(op, logits, weight=weight, grad=grad, delta=delta)
+    if base is not None:
+        _check_same(op, "logits", logits, "base", base)
     for name, t in (("grad", grad), ("base", base)):
         if t is not None and t.dtype != weight.dtype:
             _fail(op, f"{name} must have weight's dtype {weight.dtype}, got {t.dtype}", TypeError)
@@ -55,14 +60,7 @@ def check_mask_step(logits, weight, grad, delta, base, reg) -> None:
 
 
 def check_mask_grad_sumsq(logits, grad, delta) -> None:
-    op = "mask_grad_sumsq"
-    if logits.dtype != torch.float32:
-        _fail(op, f"logits must be float32, got {logits.dtype}", TypeError)
-    _check_contiguous(op, "logits", logits)
-    _check_float(op, "grad", grad)
-    _check_float(op, "delta", delta)
-    _check_same(op, "logits", logits, "grad", grad)
-    _check_same(op, "logits", logits, "delta", delta)
+    _check_logits_and_operands("mask_grad_sumsq", logits, grad=grad, delta=delta)
 
 
 def packed_numel(numel: int) -> int:

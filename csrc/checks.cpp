@@ -1,8 +1,10 @@
 // Input contract of every op (see ops.h); mirrors calm_fast/_meta.py.
 #include "ops.h"
 
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace calm_fast {
 namespace {
@@ -30,20 +32,25 @@ void check_same(const char* op, const std::string& ref_name, const at::Tensor& r
   check_contiguous(op, name, t);
 }
 
+// What the mask ops share: fp32 contiguous logits, and float operands shaped like them.
+void check_logits_and_operands(const char* op, const at::Tensor& logits,
+                               std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "calm_fast.", op,
+                   ": logits must be float32, got ", logits.scalar_type());
+  check_contiguous(op, "logits", logits);
+  for (const auto& [name, t] : operands) {
+    check_float(op, name, *t);
+    check_same(op, "logits", logits, name, *t);
+  }
+}
+
 }  // namespace
 
 MaskReg check_mask_step(const at::Tensor& logits, const at::Tensor& weight, const at::Tensor& grad,
                         const at::Tensor& delta, const std::optional<at::Tensor>& base,
                         c10::string_view reg) {
   const char* op = "mask_step_";
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "calm_fast.", op,
-                   ": logits must be float32, got ", logits.scalar_type());
-  check_contiguous(op, "logits", logits);
-  check_float(op, "weight", weight);
-  check_float(op, "delta", delta);
-  check_same(op, "logits", logits, "weight", weight);
-  check_same(op, "logits", logits, "grad", grad);
-  check_same(op, "logits", logits, "delta", delta);
+  check_logits_and_operands(op, logits, {{"weight", &weight}, {"grad", &grad}, {"delta", &delta}});
   TORCH_CHECK_TYPE(grad.scalar_type() == weight.scalar_type(), "calm_fast.", op,
                    ": grad must have weight's dtype ", weight.scalar_type(), ", got ",
                    grad.scalar_type());
@@ -62,14 +69,7 @@ MaskReg check_mask_step(const at::Tensor& logits, const at::Tensor& weight, cons
 
 void check_mask_grad_sumsq(const at::Tensor& logits, const at::Tensor& grad,
                            const at::Tensor& delta) {
-  const char* op = "mask_grad_sumsq";
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "calm_fast.", op,
-                   ": logits must be float32, got ", logits.scalar_type());
-  check_contiguous(op, "logits", logits);
-  check_float(op, "grad", grad);
-  check_float(op, "delta", delta);
-  check_same(op, "logits", logits, "grad", grad);
-  check_same(op, "logits", logits, "delta", delta);
+  check_logits_and_operands("mask_grad_sumsq", logits, {{"grad", &grad}, {"delta", &delta}});
 }
 
 MaskMode check_masked_apply(const at::Tensor& weight, const at::Tensor& delta,

@@ -156,3 +156,36 @@ def test_every_command_has_complete_help():
 def test_example_configs_are_valid(example):
     job = config_file.load(str(example))
     assert job.output.startswith(str(EXAMPLES))
+
+
+def test_an_interrupted_merge_resumes_from_its_progress_file(cli, toy, tmp_path, monkeypatch):
+    from calm_fast.calm import CALMMerger
+
+    path = _config(toy, tmp_path, options={"updates": 5, "sequential": ["east", "south", "west"]})
+    code, _, err = cli("merge", path, "-q")
+    assert code == 0, err
+    uninterrupted = read_checkpoint(str(tmp_path / "out" / "merged"))
+    uninterrupted = {k: uninterrupted[k] for k in uninterrupted}
+    path = _config(toy, tmp_path, options={"updates": 5, "sequential": ["east", "south", "west"]},
+                   output="again/merged")
+    original, steps, crashed = CALMMerger.optimize_step, [], []
+
+    def crash_on_second_step(self, task, seen):
+        steps.append(task)
+        if len(steps) == 2 and not crashed:
+            crashed.append(task)
+            raise RuntimeError("power cut")
+        return original(self, task, seen)
+
+    monkeypatch.setattr(CALMMerger, "optimize_step", crash_on_second_step)
+    with pytest.raises(RuntimeError, match="power cut"):
+        cli("merge", path, "-q")
+    assert (tmp_path / "again" / "merged.progress.safetensors").exists()
+    assert not (tmp_path / "again" / "merged").exists()
+    steps.clear()
+    code, _, err = cli("merge", path, "-q")
+    assert code == 0, err
+    assert steps == ["south", "west"]  # east was finished before the interruption
+    resumed = read_checkpoint(str(tmp_path / "again" / "merged"))
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+    assert not (tmp_path / "again" / "merged.progress.safetensors").exists()
