@@ -3,8 +3,8 @@ from . import ops, reference
 from ._extension import NATIVE, NATIVE_CUDA
 from .baselines import DataFreeConfig
 from .calm import CALMConfig, CALMReport
-from .merge import METHODS, MergeResult, merge, replay, report_json
+from .merge import METHODS, MergeResult, check, merge, replay, report_json
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "NATIVE", "NATIVE_CUDA", "merge", "replay", "report_json",
+__all__ = ["ops", "reference", "NATIVE", "NATIVE_CUDA", "merge", "check", "replay", "report_json",
            "MergeResult", "CALMConfig", "CALMReport", "DataFreeConfig", "METHODS", "__version__"]

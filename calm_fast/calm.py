@@ -125,6 +125,19 @@ def merged_parameter(key, pretrained, finetuned, initial, scaling: float, steps,
     return current
 
 
+def check_model(model: torch.nn.Module, pretrained, keys) -> None:
+    """The architecture CALM runs holds every merged key, with pretrained's shape."""
+    own = model.state_dict()
+    missing = [k for k in keys if k not in own]
+    if missing:
+        raise KeyError(f"calm_fast: the model lacks {len(missing)} merged key(s): {missing[:5]}")
+    for key in keys:
+        shape = spec(pretrained, key)[0]
+        if own[key].shape != shape:
+            raise ValueError(f"calm_fast: model's {key} has shape {tuple(own[key].shape)}, "
+                             f"pretrained has {tuple(shape)}")
+
+
 class _Timer:
     """Seconds per phase into the report; synchronizes CUDA so that async work is attributed."""
 
@@ -161,15 +174,8 @@ class CALMMerger:
 
     # ---- setup -------------------------------------------------------------------------------
     def _merged_tensors(self) -> dict[str, torch.Tensor]:
+        check_model(self.model, self.pretrained, self.keys)
         own = self.model.state_dict(keep_vars=True)
-        missing = [k for k in self.keys if k not in own]
-        if missing:
-            raise KeyError(f"calm_fast: the model lacks {len(missing)} merged key(s): {missing[:5]}")
-        for key in self.keys:
-            shape = spec(self.pretrained, key)[0]
-            if own[key].shape != shape:
-                raise ValueError(f"calm_fast: model's {key} has shape {tuple(own[key].shape)}, "
-                                 f"pretrained has {tuple(shape)}")
         for p in self.model.parameters():
             p.requires_grad_(False)
         for head in self.heads.values():

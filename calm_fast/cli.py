@@ -20,10 +20,15 @@ def _merge(args) -> int:
     if args.device:
         job.device = args.device
     overwrite = job.overwrite or args.overwrite
-    if os.path.exists(job.output) and not overwrite:  # fail before the work, not after it
+    if os.path.exists(job.output) and not overwrite and not args.check:  # fail before the work
         raise FileExistsError(f"calm_fast: {job.output} exists; set overwrite: true or pass --overwrite")
     pretrained, finetuned = job.weights()
     made = job.build()
+    if args.check:
+        summary = calm_fast.check(pretrained, finetuned, method=job.method, config=job.options,
+                                  progress=not args.quiet, **{k: v for k, v in made.items() if k != "forward"})
+        print(json.dumps({**summary, "output": job.output}, indent=2))
+        return 0
     log.info("merging %d task(s) with %s into %s", len(finetuned), job.method, job.output)
     result = calm_fast.merge(pretrained, finetuned, method=job.method, config=job.options, device=job.device,
                              seed=job.seed, progress=not args.quiet, progress_file=job.progress_file, **made)
@@ -100,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="YAML config file (format: calm_fast/config.py, README)")
     m.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--check", action="store_true",
+                   help="validate the config, checkpoints (every tensor read once: keys, shapes, dtypes, "
+                        "NaN/Inf) and CALM's heads/data/model, print a summary; merge and write nothing")
     m.set_defaults(run=_merge)
 
     r = sub.add_parser("replay", parents=[common],

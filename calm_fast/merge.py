@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import baselines, maskfile, state
-from .calm import CALMConfig, CALMMerger, CALMReport, merged_parameter
+from .calm import CALMConfig, CALMMerger, CALMReport, check_model, merged_parameter
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, LazyStateDict, atomic_directory, spec, write_safetensors_dir
 
 METHODS = ("calm",) + baselines.DATA_FREE_METHODS
@@ -102,23 +102,34 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     Checkpoint paths are read lazily (safetensors): the data-free methods then hold one
     parameter per task at a time, not T models.
     """
-    if method not in METHODS:
-        raise ValueError(f"calm_fast: unknown method {method!r}; one of {METHODS}")
+    config = _checked_config(method, config)
     device = _resolve_device(device)
     bar = progress_bar(progress)
     base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
     torch.manual_seed(seed)
-
     if method != "calm":
-        config = config or baselines.DataFreeConfig()
-        if not isinstance(config, baselines.DataFreeConfig):
-            raise TypeError(f"calm_fast: method {method!r} takes a DataFreeConfig, got {type(config).__name__}")
         merged = baselines.merge_data_free(base, tuned, keys, method, config, device, bar)
         return MergeResult(method, _as_output(merged, base), config=config)
+    model = _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data).to(device)
+    merger = CALMMerger(base, tuned, keys, model, heads, data, forward, config, device, seed, bar,
+                        None if progress_file is None else os.fspath(progress_file))
+    merged, masks, report = merger.run()
+    return MergeResult("calm", _as_output(merged, base), masks, report, config)
 
-    config = config or CALMConfig()
-    if not isinstance(config, CALMConfig):
-        raise TypeError(f"calm_fast: method 'calm' takes a CALMConfig, got {type(config).__name__}")
+
+def _checked_config(method: str, config):
+    if method not in METHODS:
+        raise ValueError(f"calm_fast: unknown method {method!r}; one of {METHODS}")
+    kind = CALMConfig if method == "calm" else baselines.DataFreeConfig
+    config = config or kind()
+    if not isinstance(config, kind):
+        raise TypeError(f"calm_fast: method {method!r} takes a {kind.__name__}, got {type(config).__name__}")
+    return config
+
+
+def _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data) -> torch.nn.Module:
+    """CALM's extra inputs: a head and data for every task, and the architecture (a copy of
+    pretrained when that is a module) holding every merged key."""
     for what, given in (("heads", heads), ("data", data)):
         if given is None:
             raise ValueError(f"calm_fast: method 'calm' needs {what} for every task")
@@ -129,11 +140,31 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
         if not isinstance(pretrained, torch.nn.Module):
             raise ValueError("calm_fast: method 'calm' needs `model` when pretrained is not an nn.Module")
         model = copy.deepcopy(pretrained)
-    model = model.to(device)
-    merger = CALMMerger(base, tuned, keys, model, heads, data, forward, config, device, seed, bar,
-                        None if progress_file is None else os.fspath(progress_file))
-    merged, masks, report = merger.run()
-    return MergeResult("calm", _as_output(merged, base), masks, report, config)
+    check_model(model, base, keys)
+    return model
+
+
+def check(pretrained, finetuned, *, method: str = "calm", model=None, heads=None, data=None, config=None,
+          progress: bool = False) -> dict:
+    """Everything merge() validates, without merging: config, keys, shapes, dtypes, CALM's heads /
+    data / model, and every tensor read once for NaN/Inf. Returns a summary of the merge."""
+    config = _checked_config(method, config)
+    if isinstance(config, CALMConfig):
+        config.validate()
+    bar = progress_bar(progress)
+    base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
+    if isinstance(config, baselines.DataFreeConfig):
+        config.validate(len(tuned), method)
+    else:
+        _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data)
+    for state in (bar(list(tuned.values()), desc="reading") if bar else tuned.values()):
+        for key in keys:
+            state[key]  # a lazy checkpoint checks each tensor for NaN/Inf as it is read
+    specs = [spec(base, k) for k in base]
+    return {"method": method, "tasks": list(tuned), "merged_parameters": len(keys),
+            "carried_entries": len(base) - len(keys),
+            "merged_scalars": sum(spec(base, k)[0].numel() for k in keys),
+            "model_bytes": sum(shape.numel() * dtype.itemsize for shape, dtype in specs)}
 
 
 def replay(pretrained, finetuned, masks_path, *, device=None, progress: bool = False) -> dict[str, torch.Tensor]:

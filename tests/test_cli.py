@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 import calm_fast
 from calm_fast import config as config_file
@@ -189,3 +190,23 @@ def test_an_interrupted_merge_resumes_from_its_progress_file(cli, toy, tmp_path,
     resumed = read_checkpoint(str(tmp_path / "again" / "merged"))
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
     assert not (tmp_path / "again" / "merged.progress.safetensors").exists()
+
+
+def test_check_validates_everything_and_writes_nothing(cli, toy, tmp_path):
+    folder, tasks = toy
+    code, out, err = cli("merge", _config(toy, tmp_path), "--check", "-q")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert sorted(summary["tasks"]) == sorted(tasks) and summary["merged_parameters"] == 4
+    assert summary["merged_scalars"] == 16 * 64 + 64 + 64 * 64 + 64 and not (tmp_path / "out").exists()
+    bad = tmp_path / "nan.safetensors"
+    state = {k: v.clone() for k, v in read_checkpoint(str(folder / "west.safetensors")).items()}
+    state["2.weight"][5, 5] = float("nan")
+    save_file(state, str(bad))
+    path = _config(toy, tmp_path, finetuned={t: str(bad if t == "west" else folder / f"{t}.safetensors")
+                                             for t in tasks})
+    code, _, err = cli("merge", path, "--check", "-q")
+    assert code == 2 and "task 'west': 2.weight holds NaN or Inf" in err
+    path = _config(toy, tmp_path, factory_args={"folder": str(folder), "missing": 1})
+    code, _, err = cli("merge", path, "--check", "-q")
+    assert code == 2 and "unexpected keyword argument 'missing'" in err
