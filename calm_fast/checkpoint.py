@@ -52,17 +52,17 @@ class LazyStateDict(Mapping):
         from safetensors import safe_open
 
         self.what = what
-        self._key_to_file: dict[str, str] = {}
+        self._entries: dict[str, tuple[str, str]] = {}  # name -> (file, name stored in the file)
         self._specs = {}
         self._checked: set[str] = set()
         for path in files:
             try:
                 with safe_open(path, framework="pt", device="cpu") as handle:
                     for key in handle.keys():
-                        if key in self._key_to_file:
+                        if key in self._entries:
                             raise CheckpointError(f"calm_fast: {what}: {key} is in both "
-                                                  f"{self._key_to_file[key]} and {path}")
-                        self._key_to_file[key] = path
+                                                  f"{self._entries[key][0]} and {path}")
+                        self._entries[key] = (path, key)
                         view = handle.get_slice(key)
                         self._specs[key] = (torch.Size(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
             except CheckpointError:
@@ -72,7 +72,16 @@ class LazyStateDict(Mapping):
                                       f"({exc})") from exc
 
     def keys_of(self, path: str) -> set[str]:
-        return {key for key, file in self._key_to_file.items() if file == path}
+        """The names stored in one of the files."""
+        return {stored for file, stored in self._entries.values() if file == path}
+
+    def without_prefix(self, prefix: str) -> LazyStateDict:
+        """The same tensors, with `prefix` dropped from the names that start with it."""
+        renamed = LazyStateDict([], self.what)
+        for name, entry in self._entries.items():
+            new = name[len(prefix):] if name.startswith(prefix) else name
+            renamed._entries[new], renamed._specs[new] = entry, self._specs[name]
+        return renamed
 
     def spec(self, key: str) -> tuple[torch.Size, torch.dtype]:
         return self._specs[key]
@@ -80,8 +89,9 @@ class LazyStateDict(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self._key_to_file[key], framework="pt", device="cpu") as handle:
-            tensor = handle.get_tensor(key)
+        path, stored = self._entries[key]
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            tensor = handle.get_tensor(stored)
         if key not in self._checked:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"calm_fast: {self.what}: {key} holds NaN or Inf")
@@ -89,10 +99,10 @@ class LazyStateDict(Mapping):
         return tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._key_to_file)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._key_to_file)
+        return len(self._entries)
 
 
 def spec(state: Mapping, key: str) -> tuple[torch.Size, torch.dtype]:
@@ -179,8 +189,15 @@ def _read_torch_file(path: str, what: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def open_clip_model(model_name: str, checkpoint: str | None = None, *, what: str = "weights",
-                    strip_prefix: str = "module.") -> torch.nn.Module:
+def read_without_prefix(path: str, what: str = "weights", prefix: str = "module.") -> Mapping[str, torch.Tensor]:
+    """read_checkpoint, with DataParallel's `prefix` dropped from the names (still lazy)."""
+    state = read_checkpoint(path, what)
+    if isinstance(state, LazyStateDict):
+        return state.without_prefix(prefix)
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def open_clip_model(model_name: str, checkpoint: str | None = None, *, what: str = "weights") -> torch.nn.Module:
     """An open_clip model (no download: pretrained=None) with the weights of `checkpoint`.
 
     The checkpoint is read like any other (safetensors or weights_only torch file; a
@@ -194,15 +211,14 @@ def open_clip_model(model_name: str, checkpoint: str | None = None, *, what: str
         raise ValueError(f"calm_fast: {what}: open_clip has no model {model_name!r}")
     model = open_clip.create_model(model_name, pretrained=None)
     if checkpoint is not None:
-        state = read_checkpoint(checkpoint, what)
-        state = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: state[k] for k in state}
+        state = read_without_prefix(checkpoint, what)
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise KeyError(f"calm_fast: {what}: {checkpoint} does not fit open_clip {model_name}: "
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(dict(state.items()))
         except RuntimeError as exc:  # shape mismatches
             raise ValueError(f"calm_fast: {what}: {checkpoint} does not fit open_clip {model_name}: {exc}") from exc
     return model

@@ -65,11 +65,11 @@ class MergeJob:
 
     def weights(self):
         """(pretrained, finetuned) as merge() takes them: paths stay paths (read lazily)."""
-        def resolve(source, what):
-            return source.load(what) if isinstance(source, OpenClipSource) else source
-
-        return (resolve(self.pretrained, "pretrained"),
-                {task: resolve(src, f"task {task!r}") for task, src in self.finetuned.items()})
+        pretrained = self.pretrained
+        if isinstance(pretrained, OpenClipSource):
+            pretrained = pretrained.load("pretrained")
+        return pretrained, {task: src.weights(f"task {task!r}") if isinstance(src, OpenClipSource) else src
+                            for task, src in self.finetuned.items()}
 
     def build(self) -> dict:
         """heads / data / model / forward from the factory (CALM)."""
@@ -101,9 +101,18 @@ class OpenClipSource:
     checkpoint: str | None
 
     def load(self, what: str) -> torch.nn.Module:
+        """The architecture with the checkpoint's weights (pretrained: CALM runs it)."""
         from .checkpoint import open_clip_model
 
         return open_clip_model(self.model, self.checkpoint, what=what)
+
+    def weights(self, what: str):
+        """Only the checkpoint's weights, read lazily (fine-tuned copies: no module per task)."""
+        from .checkpoint import read_without_prefix
+
+        if self.checkpoint is None:
+            raise ConfigError(f"{what}: an open_clip fine-tuned source needs a checkpoint")
+        return read_without_prefix(self.checkpoint, what)
 
 
 def _source(folder: str, value, name: str):

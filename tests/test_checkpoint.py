@@ -233,13 +233,19 @@ def _open_clip():
     return module.import_open_clip()
 
 
-def test_open_clip_checkpoint_loads_into_the_named_architecture(tmp_path):
+def _tiny_open_clip(tmp_path, name):
+    """open_clip with a tiny CLIP registered as `name` (no weights are downloaded anywhere)."""
     open_clip = _open_clip()
     config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
               "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "calm-fast-tiny.json").write_text(json.dumps(config))
+    (tmp_path / "configs" / f"{name}.json").write_text(json.dumps(config))
     open_clip.add_model_config(str(tmp_path / "configs"))
+    return open_clip
+
+
+def test_open_clip_checkpoint_loads_into_the_named_architecture(tmp_path):
+    open_clip = _tiny_open_clip(tmp_path, "calm-fast-tiny")
     source = open_clip.create_model("calm-fast-tiny", pretrained=None)
     state = {f"module.{k}": v.clone() for k, v in source.state_dict().items()}
     torch.save({"state_dict": state}, tmp_path / "tiny.pt")
@@ -254,3 +260,28 @@ def test_open_clip_checkpoint_loads_into_the_named_architecture(tmp_path):
     torch.save(state, tmp_path / "resized.pt")
     with pytest.raises(ValueError, match="size mismatch for visual.conv1.weight"):
         checkpoint.open_clip_model("calm-fast-tiny", str(tmp_path / "resized.pt"))
+
+
+def test_open_clip_sources_in_a_config_read_finetuned_weights_lazily(tmp_path):
+    from calm_fast import config as config_file
+
+    open_clip = _tiny_open_clip(tmp_path, "calm-fast-tiny2")
+    pre = open_clip.create_model("calm-fast-tiny2", pretrained=None).state_dict()
+    save_file({k: v.contiguous() for k, v in pre.items()}, str(tmp_path / "pre.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    tuned = {}
+    for task in ("a", "b"):
+        tuned[task] = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                       for k, v in pre.items()}
+        save_file({f"module.{k}": v.contiguous() for k, v in tuned[task].items()}, str(tmp_path / f"{task}.safetensors"))
+    job = config_file.parse({
+        "method": "task_arithmetic", "output": "out",
+        "pretrained": {"open_clip": "calm-fast-tiny2", "checkpoint": "pre.safetensors"},
+        "finetuned": {t: {"open_clip": "calm-fast-tiny2", "checkpoint": f"{t}.safetensors"} for t in tuned}},
+        str(tmp_path))
+    pretrained, finetuned = job.weights()
+    assert isinstance(pretrained, torch.nn.Module)
+    assert all(isinstance(w, LazyStateDict) and set(w) == set(pre) for w in finetuned.values())
+    got = calm_fast.merge(pretrained, finetuned, method="task_arithmetic", device="cpu", progress=False)
+    want = calm_fast.merge(pre, tuned, method="task_arithmetic", device="cpu", progress=False)
+    _equal(want.state_dict, got.state_dict)
