@@ -363,18 +363,21 @@ class CALMMerger:
         return masks
 
     # ---- progress file (resume) --------------------------------------------------------------
+    def _parameter_shapes(self) -> dict[str, list[int]]:
+        return {k: list(spec(self.pretrained, k)[0]) for k in self.keys}
+
     def masks(self, bits: dict[str, dict[str, torch.Tensor]]) -> maskfile.Masks:
         rep = self.report
         return maskfile.Masks(
             tasks=self.tasks, initial=list(rep.initial), sequential=list(bits),
-            parameters={k: list(spec(self.pretrained, k)[0]) for k in self.keys},
+            parameters=self._parameter_shapes(),
             no_grad_keys={t: rep.no_grad_keys[t] for t in bits}, init_scaling=self.config.init_scaling,
             config=maskfile.config_as_json(self.config), bits=bits)
 
     def _fingerprint(self) -> dict:
         """What must match for a progress file to continue this run."""
         return {"tasks": self.tasks, "seed": self.seed, "config": maskfile.config_as_json(self.config),
-                "parameters": {k: list(spec(self.pretrained, k)[0]) for k in self.keys},
+                "parameters": self._parameter_shapes(),
                 "pool_sizes": {t: sampling.pool_size(p) for t, p in self.pools.items()}}
 
     def _save_progress(self, bits) -> None:

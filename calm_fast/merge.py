@@ -110,7 +110,8 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     if method != "calm":
         merged = baselines.merge_data_free(base, tuned, keys, method, config, device, bar)
         return MergeResult(method, _as_output(merged, base), config=config)
-    model = _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data).to(device)
+    architecture = _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data)
+    model = (copy.deepcopy(architecture) if model is None else model).to(device)
     merger = CALMMerger(base, tuned, keys, model, heads, data, forward, config, device, seed, bar,
                         None if progress_file is None else os.fspath(progress_file))
     merged, masks, report = merger.run()
@@ -128,8 +129,8 @@ def _checked_config(method: str, config):
 
 
 def _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data) -> torch.nn.Module:
-    """CALM's extra inputs: a head and data for every task, and the architecture (a copy of
-    pretrained when that is a module) holding every merged key."""
+    """CALM's extra inputs: a head and data for every task, and the architecture (`model`, else
+    pretrained when that is a module) holding every merged key. Returns the architecture."""
     for what, given in (("heads", heads), ("data", data)):
         if given is None:
             raise ValueError(f"calm_fast: method 'calm' needs {what} for every task")
@@ -139,7 +140,7 @@ def _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data) -> t
     if model is None:
         if not isinstance(pretrained, torch.nn.Module):
             raise ValueError("calm_fast: method 'calm' needs `model` when pretrained is not an nn.Module")
-        model = copy.deepcopy(pretrained)
+        model = pretrained
     check_model(model, base, keys)
     return model
 
@@ -157,14 +158,15 @@ def check(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
         config.validate(len(tuned), method)
     else:
         _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data)
-    for state in (bar(list(tuned.values()), desc="reading") if bar else tuned.values()):
+    every = [base, *tuned.values()]
+    for weights in (bar(every, desc="reading") if bar else every):
         for key in keys:
-            state[key]  # a lazy checkpoint checks each tensor for NaN/Inf as it is read
-    specs = [spec(base, k) for k in base]
+            weights[key]  # a lazy checkpoint checks each tensor for NaN/Inf as it is read
+    specs = {k: spec(base, k) for k in base}
     return {"method": method, "tasks": list(tuned), "merged_parameters": len(keys),
             "carried_entries": len(base) - len(keys),
-            "merged_scalars": sum(spec(base, k)[0].numel() for k in keys),
-            "model_bytes": sum(shape.numel() * dtype.itemsize for shape, dtype in specs)}
+            "merged_scalars": sum(specs[k][0].numel() for k in keys),
+            "model_bytes": sum(shape.numel() * dtype.itemsize for shape, dtype in specs.values())}
 
 
 def replay(pretrained, finetuned, masks_path, *, device=None, progress: bool = False) -> dict[str, torch.Tensor]:
