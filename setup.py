@@ -1,12 +1,14 @@
-"""Builds calm_fast._C with torch's cpp_extension (ninja). Sources: csrc/SOURCES.
+"""Builds calm_fast's native modules with torch's cpp_extension (ninja): calm_fast._C (op schemas,
+CUDA kernels; csrc/SOURCES) and one CPU kernel module calm_fast._C_cpu_<isa> per vector ISA
+(csrc/cpu/SOURCES, csrc/cpu/ISAS), of which the package imports the best the CPU runs.
 
 The CUDA kernels are compiled when torch is a CUDA build and nvcc is found; set
-CALM_FAST_NO_CUDA=1 to build the CPU kernels only; CALM_FAST_CPU_ARCH (default "native") is the
--march of the CPU kernels. Install with
+CALM_FAST_NO_CUDA=1 to build the CPU kernels only. Install with
 `pip install --no-build-isolation --no-deps -e .` (torch must already be installed: an
 isolated build environment would pull a different torch than the one the extension loads into).
 """
 import os
+import platform
 from pathlib import Path
 
 from setuptools import setup
@@ -14,9 +16,16 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
-def _sources():
-    lines = (ROOT / "csrc" / "SOURCES").read_text().splitlines()
+def _lines(path):
+    lines = (ROOT / path).read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def cpu_isas():
+    """name -> compiler flags of each CPU kernel build; ISA-specific builds on x86-64 only."""
+    isas = {name: flags for name, *flags in (ln.split() for ln in _lines("csrc/cpu/ISAS"))}
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return {name: flags for name, flags in isas.items() if x86 or not flags}
 
 
 def _cuda_home():
@@ -27,7 +36,7 @@ def _cuda_home():
     return None
 
 
-def _extension():
+def _modules():
     import torch
 
     cuda_home = _cuda_home()
@@ -38,31 +47,41 @@ def _extension():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     from torch.utils import cpp_extension
 
-    sources = [s for s in _sources() if with_cuda or not s.endswith(".cu")]
-    # The CPU kernels are compute-bound at SSE2 width (two sigmoids per element): build them for
-    # this machine's vector ISA (CALM_FAST_CPU_ARCH=x86-64 for a portable build). No FMA
-    # contraction, so every ISA rounds like the reference. -std comes from cpp_extension.
-    arch = os.environ.get("CALM_FAST_CPU_ARCH", "native")
-    cxx = ["-O3", "-g0", "-fopenmp", f"-march={arch}", "-ffp-contract=off"]
-    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    kwargs = dict(
-        name="calm_fast._C",
-        sources=sources,
-        include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args={"cxx": cxx + (["-DCALM_FAST_WITH_CUDA"] if with_cuda else [])},
-        extra_link_args=["-fopenmp"],
-    )
+    # No FMA contraction, so every ISA rounds like the reference; -std comes from cpp_extension.
+    cxx = ["-O3", "-g0", "-ffp-contract=off"]
+    includes = [str(ROOT / "csrc")]
+    core = dict(name="calm_fast._C", sources=[s for s in _lines("csrc/SOURCES") if with_cuda or not s.endswith(".cu")],
+                include_dirs=includes,
+                extra_compile_args={"cxx": cxx + (["-DCALM_FAST_WITH_CUDA"] if with_cuda else [])})
     if with_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DCALM_FAST_WITH_CUDA"]
-    return kind(**kwargs), cpp_extension.BuildExtension, with_cuda
+        core["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DCALM_FAST_WITH_CUDA"]
+    modules = [(cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(**core)]
+    for isa, flags in cpu_isas().items():
+        modules.append(cpp_extension.CppExtension(
+            name=f"calm_fast._C_cpu_{isa}", sources=_lines("csrc/cpu/SOURCES"), include_dirs=includes,
+            extra_compile_args={"cxx": cxx + ["-fopenmp", f"-DCALM_FAST_CPU_ISA={isa}", *flags]},
+            extra_link_args=["-fopenmp"]))
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Each module in its own temp folder: the CPU modules compile the same sources with other flags."""
+
+        def build_extension(self, ext):
+            base = self.build_temp
+            self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = base
+
+    return modules, BuildExt, with_cuda
 
 
-extension, build_ext, with_cuda = _extension()
+modules, build_ext, with_cuda = _modules()
 setup(
-    ext_modules=[extension],
+    ext_modules=modules,
     # separate build trees, so CPU-only and CUDA builds of one checkout don't rebuild each other
     options={"build": {"build_base": "build/cuda" if with_cuda else "build/cpu"}},
-    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+    cmdclass={"build_ext": build_ext},
     # `calm-fast bench` runs benchmarks/bench_ops.py, so the benchmarks ship as calm_fast.benchmarks
     package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton",
                  "calm_fast.benchmarks": "benchmarks"},

@@ -468,7 +468,8 @@ def metadata(args, device, copy_gbps: list[float]) -> dict:
         "device_type": device.type,
         "cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
-        "native_threads": (_extension._C.num_threads() if _extension.NATIVE else None),
+        "native_threads": (_extension.cpu_kernels.num_threads() if _extension.NATIVE else None),
+        "native_cpu_isa": _extension.CPU_ISA,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -629,7 +630,7 @@ def slow_native(rows: list[dict]) -> list[str]:
 
 def write_markdown(path: Path, meta: dict, rows: list[dict], targets: list[dict], notes: list[str]):
     lines = [f"# calm_fast op benchmarks: {meta['device']}", ""]
-    keys = ["device", "cores", "torch_threads", "native_threads", "cpu_capability", "torch", "triton",
+    keys = ["device", "cores", "torch_threads", "native_threads", "native_cpu_isa", "cpu_capability", "torch", "triton",
             "numpy", "python", "cuda_runtime", "cuda_driver", "copy_gbps", "copy_gbps_start_end",
             "loadavg_start_end", "git", "git_dirty", "date", "quick"]
     lines.append("; ".join(f"{k}: {meta[k]}" for k in keys if k in meta))

@@ -1,13 +1,10 @@
 // The one place where calm_fast's op schemas are written. Backends register kernels for them
-// with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp for CPU, kernels/cuda/*.cu for CUDA); fake kernels
+// with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp for CPU, built as one module per vector ISA and
+// loaded by calm_fast/_extension.py; kernels/cuda/*.cu for CUDA, in this module); fake kernels
 // for torch.compile live in calm_fast/_meta.py.
 #include <torch/library.h>
 #include <c10/util/Flags.h>
 #include <pybind11/pybind11.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 // c10's CPU allocator fills new allocations with a NaN pattern when this flag is set; tests
 // turn it on so that an output element a kernel forgets to write cannot pass by luck.
@@ -35,13 +32,6 @@ PYBIND11_MODULE(_C, module) {
 #else
       false;
 #endif
-  module.def("num_threads", [] {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  }, "OpenMP threads the CPU kernels use");
   module.def("set_cpu_poison", [](bool enabled) {
     FLAGS_caffe2_cpu_allocator_do_junk_fill = enabled;
   }, "Fill every new CPU allocation with a NaN pattern (for tests)");

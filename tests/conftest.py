@@ -34,7 +34,7 @@ INTERPRETER_SIZES = [0, 1, 7, 1000, 4099]
 
 
 def pytest_report_header(config):
-    return (f"calm_fast: native={_extension.NATIVE} native_cuda={_extension.NATIVE_CUDA} "
+    return (f"calm_fast: native={_extension.NATIVE} cpu_isa={_extension.CPU_ISA} native_cuda={_extension.NATIVE_CUDA} "
             f"cuda={HAS_CUDA} triton={HAS_TRITON} seed={SESSION_SEED} "
             f"(rerun with CALM_FAST_TEST_SEED={SESSION_SEED})")
 

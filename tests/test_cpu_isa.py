@@ -1,0 +1,75 @@
+"""The CPU kernels are built once per vector ISA (csrc/cpu/ISAS) and the package imports one. The
+op tests in this process cover the loaded build; here every other build this CPU runs passes the
+same native-cpu op tests in a subprocess, and the loader's choices and refusals are checked."""
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calm_fast import _extension
+
+REPO = Path(__file__).resolve().parents[1]
+OP_TESTS = ["test_mask_ops.py", "test_consensus_merge.py", "test_magnitude_threshold.py",
+            "test_entropy_argmax.py", "test_mask_packing.py", "test_errors.py"]
+pytestmark = pytest.mark.skipif(not _extension.NATIVE, reason=f"native extension not built: {_extension.LOAD_ERROR}")
+
+
+def _isas_in_build_list() -> list[str]:
+    lines = [ln.split() for ln in (REPO / "csrc" / "cpu" / "ISAS").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return [words[0] for words in lines if x86 or len(words) == 1]
+
+
+def _runnable() -> list[str]:
+    best = _extension.CPU_ISAS.index(_extension.best_cpu_isa())
+    return [isa for isa in _extension.CPU_ISAS[best:] if isa in _isas_in_build_list()]
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_every_listed_isa_is_built():
+    missing = [isa for isa in _isas_in_build_list() if importlib.util.find_spec(f"calm_fast._C_cpu_{isa}") is None]
+    assert not missing, f"CPU kernel modules not built: {missing}"
+
+
+def test_the_best_runnable_build_is_loaded():
+    assert _extension.CPU_ISA == _runnable()[0]
+
+
+@pytest.mark.parametrize("isa", _extension.CPU_ISAS)
+def test_other_builds_pass_the_op_tests(isa):
+    if isa == _extension.CPU_ISA:
+        pytest.skip("the loaded build: the op tests of this process cover it")
+    if isa not in _runnable():
+        pytest.skip(f"this CPU does not run {isa}")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "native-cpu",
+                          *OP_TESTS], cwd=REPO / "tests", env={**os.environ, "CALM_FAST_CPU_ISA": isa},
+                         capture_output=True, text=True, timeout=900)
+    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    # a build that failed to load would skip every native-cpu test instead of running it
+    assert res.returncode == 0 and " passed" in summary and "skipped" not in summary, \
+        res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def test_a_forced_isa_above_the_cpu_is_refused():
+    res = _python("from calm_fast import _extension as e; print(e.NATIVE, '|', e.LOAD_ERROR)",
+                  ATEN_CPU_CAPABILITY="default", CALM_FAST_CPU_ISA="avx2")
+    assert res.stdout.startswith("False |") and "runs at most 'default'" in res.stdout, res.stdout + res.stderr
+
+
+def test_an_unknown_isa_is_refused():
+    res = _python("from calm_fast import _extension as e; print(e.NATIVE, '|', e.LOAD_ERROR)", CALM_FAST_CPU_ISA="sse9")
+    assert res.stdout.startswith("False |") and "expected one of" in res.stdout, res.stdout + res.stderr
+
+
+def test_aten_capability_lowers_the_choice():
+    res = _python("from calm_fast import _extension as e; print(e.CPU_ISA)", ATEN_CPU_CAPABILITY="default")
+    assert res.stdout.strip() == "default", res.stdout + res.stderr
