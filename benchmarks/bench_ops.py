@@ -634,6 +634,8 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], targets: list[dict]
             "numpy", "python", "cuda_runtime", "cuda_driver", "copy_gbps", "copy_gbps_start_end",
             "loadavg_start_end", "git", "git_dirty", "date", "quick"]
     lines.append("; ".join(f"{k}: {meta[k]}" for k in keys if k in meta))
+    if meta.get("partial"):
+        lines += ["", "**Partial**: the run stopped before its last case; these are the cases it finished."]
     if meta["device_type"] == "cpu" and max(meta["loadavg_start_end"]) > 0.5 * meta["cores"]:
         lines += ["", f"**Noisy run**: 1-minute load average {meta['loadavg_start_end']} on {meta['cores']} "
                       "cores (other processes competed for the CPU). Variants were timed call by call "
@@ -743,36 +745,40 @@ def main(argv=None) -> int:
     copy_gbps = [copy_bandwidth(device, timer)]
     print(f"copy bandwidth (read+write): {copy_gbps[0]:.1f} GB/s", flush=True)
 
-    cases = build_cases(args, device)
-    rows = []
-    for case in cases:
-        rows += bench_case(case, args.variants, device, timer, cache, gen, args.check, max(copy_gbps),
-                           lambda r: print(fmt_row(r), flush=True))
-    copy_gbps.append(copy_bandwidth(device, timer))
-    LOADAVG.append(os.getloadavg()[0])
-    ceiling = max(copy_gbps)
-    print(f"copy bandwidth at the end: {copy_gbps[1]:.1f} GB/s (fractions use {ceiling:.1f})")
-    for r in rows:  # fractions against the better of the two copy measurements
-        if r.get("gbps") is not None:
-            r["frac_copy"] = round(r["gbps"] / ceiling, 3)
-
-    targets = evaluate_targets(rows, device)
-    notes = slow_native(rows)
-    meta = metadata(args, device, copy_gbps)
-    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
-    meta["seed"] = seed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.quick and out == HERE / "results" / "quick":
         (out / ".gitignore").write_text("*\n")
     stem = f"ops_{slug(device)}"
-    payload = dict(metadata=meta, rows=rows, targets=targets, slower_than_baseline=notes)
-    tmp = out / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(out / f"{stem}.json")
-    tmp = out / f"{stem}.md.tmp"
-    write_markdown(tmp, meta, rows, targets, notes)
-    tmp.replace(out / f"{stem}.md")
+
+    def save(rows, partial: bool):
+        """JSON + markdown, rewritten after every case: a run cut short (a lent GPU's time limit)
+        still leaves what it measured, marked partial."""
+        ceiling = max(copy_gbps)
+        for r in rows:  # fractions against the best copy measurement so far
+            if r.get("gbps") is not None:
+                r["frac_copy"] = round(r["gbps"] / ceiling, 3)
+        targets, notes = evaluate_targets(rows, device), slow_native(rows)
+        meta = metadata(args, device, copy_gbps)
+        meta.update(wall_s=round(time.perf_counter() - t_start, 1), seed=seed, partial=partial)
+        payload = dict(metadata=meta, rows=rows, targets=targets, slower_than_baseline=notes)
+        tmp = out / f"{stem}.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(out / f"{stem}.json")
+        tmp = out / f"{stem}.md.tmp"
+        write_markdown(tmp, meta, rows, targets, notes)
+        tmp.replace(out / f"{stem}.md")
+        return meta, targets, notes
+
+    rows = []
+    for case in build_cases(args, device):
+        rows += bench_case(case, args.variants, device, timer, cache, gen, args.check, max(copy_gbps),
+                           lambda r: print(fmt_row(r), flush=True))
+        save(rows, partial=True)
+    copy_gbps.append(copy_bandwidth(device, timer))
+    LOADAVG.append(os.getloadavg()[0])
+    print(f"copy bandwidth at the end: {copy_gbps[1]:.1f} GB/s (fractions use {max(copy_gbps):.1f})")
+    meta, targets, notes = save(rows, partial=False)
 
     print()
     print(f"targets ({sum(t['met'] for t in targets)}/{len(targets)} met):")

@@ -85,15 +85,15 @@ step() {  # step SECONDS LOG command...: capped, logged to $OUT, tail shown
 
 core() {
   device_setup
-  step 240 tests.log $PY -m pytest -q -p no:cacheprovider -n 8 tests -k cuda
-  step 270 bench_ops.log $PY benchmarks/bench_ops.py --device cuda --out "$OUT"
+  step 200 tests.log $PY -m pytest -q -p no:cacheprovider -n 8 tests -k cuda
+  step 260 bench_ops.log $PY benchmarks/bench_ops.py --device cuda --out "$OUT"
 }
 
 e2e() {
   device_setup
   # Shortened schedules (the full one is projected by the script): 3 updates per sequential step.
-  step 330 e2e_vit_l.log $PY benchmarks/e2e_calm.py --config vit-l --updates 3 --tf32 --out "$OUT"
-  step 180 e2e_vit_h.log $PY benchmarks/e2e_calm.py --config vit-h --updates 2 --out "$OUT"
+  step 360 e2e_vit_l.log $PY benchmarks/e2e_calm.py --config vit-l --updates 3 --tf32 --out "$OUT"
+  step 200 e2e_vit_h.log $PY benchmarks/e2e_calm.py --config vit-h --updates 2 --out "$OUT"
 }
 
 quality() {
