@@ -103,3 +103,18 @@ def test_authors_scheme_runs_the_same_algorithm(run):
     assert payload["checks"]["masks_a_vs_c_keys_missing"] == 0
     assert payload["checks"]["masks_a_vs_c_differ"] <= 0.05 * total
     assert set(masks_a) == set(masks_c)
+
+
+def test_bf16_delta_and_autocast_run(tmp_path):
+    """The vit-h configuration's path (bf16 δ, bf16 autocast, calm_fast only), on the tiny tower."""
+    threads = torch.get_num_threads()
+    try:
+        payload = _load_runner().main(TINY + ["--variants", "c", "--delta-dtype", "bf16", "--autocast",
+                                              "--out", str(tmp_path), "--name", "e2e_bf16"])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "e2e_bf16.json").read_text())
+    assert saved["workload"]["delta_dtype"] == "bf16" and saved["workload"]["autocast"] is True
+    assert set(saved["variants"]) == {"calm_fast"}
+    assert saved["variants"]["calm_fast"]["summary"]["per_update_s"]["fwd_bwd_s"] > 0
+    assert sum(int(m.sum()) for per_key in payload["_masks"]["calm_fast"].values() for m in per_key.values()) > 0
