@@ -309,7 +309,8 @@ def markdown(res: dict) -> str:
     lines += ["", f"Wall time: setup + fine-tuning {s['setup_and_fine_tune']:.0f}s "
               f"(checkpoints {'cached' if all(i.get('cached') for i in res['fine_tune'].values()) else 'trained in this run'}), "
               f"total {s['total']:.0f}s.", "",
-              "What limits CALM and the ablations behind it: `quality_findings.md`, `quality_ci_ablations.json`.", ""]
+              "What limits CALM and the ablations behind it: `quality_findings.md`, "
+              f"`quality_{res['size']}_ablations.json`.", ""]
     return "\n".join(lines)
 
 
