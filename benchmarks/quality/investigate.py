@@ -46,7 +46,8 @@ def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple[str, dict,
         "reg": [("reg l1", dict(reg="l1"), "test"), ("reg none", dict(reg="none"), "test")],
         "labels": [("ratio 1.0 (no EMS filter)", dict(ratio=1.0), "test"),
                    ("plain EMS", dict(balanced=False), "test")],
-        "honest": [("held-out, 3x updates", dict(updates=3 * budget.updates), "heldout")],
+        "honest": [("held-out, 3x updates", dict(updates=3 * budget.updates), "heldout"),
+                   ("held-out, 100 updates", dict(updates=100), "heldout")],
     }
 
 
