@@ -1,7 +1,8 @@
 """Ablations behind benchmarks/results/quality_findings.md: what limits CALM on this benchmark.
 
 Runs CALM variants (step size, loop length, which tasks go sequential, λ of the initial group,
-regularizer, pseudo-label selection) and λ sweeps of the data-free baselines on one size's
+regularizer, pseudo-label selection, unlabeled data from the test distribution but never evaluated)
+and λ sweeps of the data-free baselines on one size's
 cached fine-tuned models; every finished run is appended to the output JSON at once, so an
 interrupted sweep keeps what it measured.
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -70,6 +72,33 @@ def magnitude_mask_merge(pretrained: dict, finetuned: dict, initial, sequential,
     return {k: current[k].to(v.dtype) if k in current else v for k, v in pretrained.items()}
 
 
+def test_split_control(setup, recipe, loop: dict, done: set, out: Path, runs: list) -> list:
+    """Is the honest setting's gap transduction or the held-out pool's distribution? Each test
+    split is cut in two fixed random halves A and B; CALM (3x updates) gets B's inputs
+    (transductive) or A's (inductive: same distribution, never evaluated), and both are evaluated
+    on B, normalized by the individual models' accuracy on B."""
+    halves = {}
+    for i, (task, split) in enumerate(setup.tests.items()):
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(300 + i))
+        halves[task] = (split.subset(order[: len(split) // 2].numpy()), split.subset(order[len(split) // 2:].numpy()))
+    on_b = replace(setup, tests={t: h[1] for t, h in halves.items()}, heldout={t: h[0] for t, h in halves.items()})
+    individual = {t: q["accuracy_all"] for t, q in pseudo_label_quality(on_b, pools=("test",))["test"].items()}
+    config = calm_fast.CALMConfig(**{**loop, "updates": 3 * loop["updates"]})
+    new = []
+    for name, pool in (("test split B: transductive on B, 3x updates", "test"),
+                       ("test split B: inductive from half A, 3x updates", "heldout")):
+        if name in done:
+            continue
+        state, result, seconds = merge(on_b, Method("calm", name, "calm", config, unlabeled=pool))
+        row = {"name": name, "group": "inductive", **summarize(on_b.evaluate(state), individual),
+               "individual_on_b": individual, "merge_seconds": seconds, "calm": calm_summary(result)}
+        new.append(row)
+        out.write_text(json.dumps(runs + new, indent=2) + "\n")
+        print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
+              + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()) + f" ({seconds:.0f}s)", flush=True)
+    return new
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(recipes.RECIPES), default="ci")
@@ -119,6 +148,8 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(runs, indent=2) + "\n")
             print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
                   + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()), flush=True)
+    if "inductive" in args.groups:
+        runs += test_split_control(setup, recipe, loop, done, out, runs)
     for name, spec in todo:
         if name in done:
             continue
