@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from calm_fast import _extension
 
@@ -73,3 +74,64 @@ def test_an_unknown_isa_is_refused():
 def test_aten_capability_lowers_the_choice():
     res = _python("from calm_fast import _extension as e; print(e.CPU_ISA)", ATEN_CPU_CAPABILITY="default")
     assert res.stdout.strip() == "default", res.stdout + res.stderr
+
+
+OUTPUTS_SCRIPT = r"""
+import sys, torch
+from calm_fast import _extension
+assert _extension.CPU_ISA == sys.argv[2], _extension.CPU_ISA
+g = torch.Generator().manual_seed(int(sys.argv[3]))
+n = 100_003
+out = {}
+for wd, dd in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
+    s = torch.randn(n, generator=g) * 4
+    w, grad = torch.randn(n, generator=g).to(wd), torch.randn(n, generator=g).to(wd)
+    d = (torch.randn(n, generator=g) * 0.05).to(dd)
+    torch.ops.calm_fast.mask_step_(s, w, grad, d, None, 30.0, 0.5, "polarize")
+    out[f"mask_step {wd}"] = (s, w)
+    out[f"sumsq {wd}"] = torch.ops.calm_fast.mask_grad_sumsq(s, grad, d)
+    for mode in ("soft", "hard"):
+        w2 = w.clone()
+        torch.ops.calm_fast.masked_apply_(w2, d, s, mode)
+        out[f"masked_apply {mode} {wd}"] = w2
+tv = [torch.randn(n, generator=g) for _ in range(5)]
+for method in ("sum", "ties", "consensus"):
+    out[f"consensus_merge {method}"] = torch.ops.calm_fast.consensus_merge(tv, [0.3] * 5, [0.4] * 5, method, 2)
+out["magnitude_threshold"] = torch.ops.calm_fast.magnitude_threshold(tv, 777)
+out["pack_mask"] = torch.ops.calm_fast.pack_mask(tv[0])
+out["entropy_argmax"] = torch.ops.calm_fast.entropy_argmax(torch.randn(512, 1003, generator=g) * 6)
+torch.save(out, sys.argv[1])
+"""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor (NaN payloads and signed zeros included)."""
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
+def test_builds_agree_bit_for_bit_except_reductions(tmp_path):
+    """What README promises across ISA builds: element-wise ops, votes, thresholds and packing give
+    the same bits; the reductions (mask_grad_sumsq, the entropy) agree to fp32 rounding."""
+    isas = _runnable()
+    if len(isas) < 2:
+        pytest.skip("this CPU runs one build only")
+    seed = int.from_bytes(os.urandom(2), "little")
+    outputs = {}
+    for isa in isas:
+        path = tmp_path / f"{isa}.pt"
+        res = subprocess.run([sys.executable, "-c", OUTPUTS_SCRIPT, str(path), isa, str(seed)],
+                             env={**os.environ, "CALM_FAST_CPU_ISA": isa}, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outputs[isa] = torch.load(path)
+    first, *others = isas
+    for isa in others:
+        for name, want in outputs[first].items():
+            got = outputs[isa][name]
+            want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+            for a, b in zip(want, got):
+                if name.startswith("sumsq") or (name == "entropy_argmax" and a.is_floating_point()):
+                    # fp32 sums in another order: a few ulps, which log(s) - t/s can turn into a
+                    # larger relative error for entropies near 0
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}: {isa} vs {first} (seed {seed})")
+                else:
+                    assert torch.equal(_bits(a), _bits(b)), f"{name}: {isa} differs from {first} (seed {seed})"
