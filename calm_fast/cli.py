@@ -1,4 +1,4 @@
-"""`calm-fast`: merge from a config file, replay masks, inspect masks, run the op benchmarks."""
+"""`calm-fast`: merge from a config file, replay masks, inspect masks, show the build, run the op benchmarks."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,37 @@ def _inspect(args) -> int:
     return 0
 
 
+def build_info() -> dict:
+    """What this installation runs on: for bug reports and for checking a build."""
+    import importlib.util
+
+    import torch
+
+    import calm_fast
+    from . import _extension, ops
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return {
+        "calm_fast": calm_fast.__version__, "torch": torch.__version__,
+        "triton": importlib.util.find_spec("triton") is not None,
+        "native": _extension.NATIVE, "native_load_error": _extension.LOAD_ERROR,
+        "cpu_isa": _extension.CPU_ISA, "cpu_isa_best": _extension.best_cpu_isa(),
+        "cpu_threads": _extension.cpu_kernels.num_threads() if _extension.NATIVE else torch.get_num_threads(),
+        "native_cuda": _extension.NATIVE_CUDA,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "backend": {d: ops.resolve_backend(torch.device(d)) for d in devices},
+    }
+
+
+def _info(args) -> int:
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("\n".join(f"{k:18s} {v}" for k, v in info.items()))
+    return 0
+
+
 def _bench(args) -> int:
     from .benchmarks import bench_ops
 
@@ -128,6 +159,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--png", help="also write a heat map of the densities to this PNG (needs matplotlib)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(run=_inspect)
+
+    n = sub.add_parser("info", parents=[common], help="versions, native builds (CPU ISA, CUDA) and backends here",
+                       description="Print what this installation runs on: calm_fast and torch versions, whether the "
+                                   "native kernels loaded and which CPU ISA build, CUDA kernels, GPUs, and the "
+                                   "backend each device's ops run on.")
+    n.add_argument("--json", action="store_true", help="print JSON")
+    n.set_defaults(run=_info)
 
     b = sub.add_parser("bench", add_help=False,
                        help="run the op microbenchmarks (eager vs compile vs native vs Triton)",

@@ -144,10 +144,11 @@ def _help(*args):
 
 def test_every_command_has_complete_help():
     code, out = _help()
-    assert code == 0 and all(c in out for c in ("merge", "replay", "inspect", "bench"))
+    assert code == 0 and all(c in out for c in ("merge", "replay", "inspect", "info", "bench"))
     for command, flags in (("merge", ("--device", "--overwrite", "--quiet")),
                            ("replay", ("--masks", "--output", "--device")),
                            ("inspect", ("--png", "--json")),
+                           ("info", ("--json",)),
                            ("bench", ("--quick", "--sizes", "--ops", "--device"))):
         code, out = _help(command)
         assert code == 0 and all(f in out for f in flags), (command, out)
@@ -210,3 +211,17 @@ def test_check_validates_everything_and_writes_nothing(cli, toy, tmp_path):
     path = _config(toy, tmp_path, factory_args={"folder": str(folder), "missing": 1})
     code, _, err = cli("merge", path, "--check", "-q")
     assert code == 2 and "unexpected keyword argument 'missing'" in err
+
+
+def test_info_reports_the_build_in_use(cli):
+    from calm_fast import _extension
+
+    code, out, _ = cli("info", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["calm_fast"] == calm_fast.__version__ and info["torch"] == torch.__version__
+    assert info["native"] is _extension.NATIVE and info["cpu_isa"] == _extension.CPU_ISA
+    assert info["backend"]["cpu"] == ("native" if _extension.NATIVE else "reference")
+    run = subprocess.run([sys.executable, "-m", "calm_fast.cli", "info", "--json"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "CALM_FAST_CPU_ISA": "default"})
+    forced = json.loads(run.stdout)
+    assert forced["cpu_isa"] == ("default" if _extension.NATIVE else None), run.stderr
