@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from calm_fast import ops, reference
+from calm_fast import _extension, ops, reference
 from conftest import DTYPES, TOLERANCES, randn, sizes_for
 
 
@@ -67,6 +67,27 @@ def test_mask_grad_sumsq_of_a_single_element_is_exact(any_backend):
     s, g, d = (torch.tensor([v], device=device) for v in (0.0, 3.0, -2.0))
     got = ops.mask_grad_sumsq(s, g, d, backend=backend)
     assert float(got) == (3.0 * -2.0 * 0.25) ** 2  # σ'(0) = 1/4
+
+
+def test_native_cpu_sums_are_the_same_for_every_thread_count(gen):
+    """mask_grad_sumsq (and entropy_argmax) sum fixed chunks in a fixed order: CALM's normalized
+    step does not change with torch.set_num_threads."""
+    if not _extension.NATIVE:
+        pytest.skip(f"native extension not built: {_extension.LOAD_ERROR}")
+    n = 3 * 32768 * 7 + 5  # many chunks, a partial last one
+    s, g, d = _logits(n, gen, "cpu"), torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.01
+    logits = torch.randn(257, 1001, generator=gen) * 7
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append((ops.mask_grad_sumsq(s, g, d, backend="native"),
+                            ops.entropy_argmax(logits, backend="native")[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for sumsq, entropy in results[1:]:
+        assert torch.equal(sumsq, results[0][0]) and torch.equal(entropy, results[0][1])
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard", "packed"])

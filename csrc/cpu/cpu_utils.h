@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels (csrc/cpu/*.cpp): storage-dtype load/store in fp32,
-// a vectorizable exp/sigmoid, dtype dispatch and the parallel-chunk policy.
+// a vectorizable exp/sigmoid, dtype dispatch, ISA-independent sums and the parallel-chunk policy.
 //
 // Everything here is written so that `#pragma omp simd` loops calling it vectorize: branch-free
 // selects, integer bit tricks, no libm calls (glibc's expf is not vectorized without
@@ -153,6 +153,32 @@ CALM_CPU_INLINE float exp_f32(float x) {
 
 // torch.sigmoid's formula: 1 / (1 + exp(-x)).
 CALM_CPU_INLINE float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+// ---- reductions -----------------------------------------------------------------------------
+
+// Sums accumulate in kSumLanes fixed lanes (element i of a range goes to lane i % kSumLanes),
+// then the lanes are added in order. An `omp simd reduction` has as many lanes as the vector is
+// wide, so its rounding would differ between the ISA builds; this one does not.
+constexpr int kSumLanes = 16;
+
+// Calls add(lane, i) for every i in [begin, end), lane = (i - begin) % kSumLanes, vectorized
+// across the lanes.
+template <typename Fn>
+CALM_CPU_INLINE void for_each_in_lanes(int64_t begin, int64_t end, const Fn& add) {
+  int64_t i = begin;
+  for (; i + kSumLanes <= end; i += kSumLanes) {
+#pragma omp simd
+    for (int lane = 0; lane < kSumLanes; ++lane) add(lane, i + lane);
+  }
+  for (int lane = 0; i < end; ++i, ++lane) add(lane, i);
+}
+
+template <typename Acc>
+CALM_CPU_INLINE Acc sum_lanes(const Acc (&lanes)[kSumLanes]) {
+  Acc total = 0;
+  for (int lane = 0; lane < kSumLanes; ++lane) total += lanes[lane];
+  return total;
+}
 
 // ---- parallelism ----------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 // Online softmax over blocks of the row: with m the running max, s = Σ exp(z - m) and
 // t = Σ exp(z - m)·(z - m), entropy = log(s) - t/s. When a block raises the max from m to m',
 // s <- s·e^(m-m') and t <- e^(m-m')·(t + s·(m - m')). Blocks are converted to fp32 in a small
-// buffer (L1) and swept twice there: block max first, then the exp sums. Special values follow
+// buffer (L1) and swept there: block max first, then the exp terms, then their sums in fixed lanes
+// (cpu_utils.h: the same bits on every ISA build). Special values follow
 // reference.py: a NaN makes the entropy NaN and the argmax the first NaN; a row whose max is
 // +inf, or which is all -inf, has entropy -0 (every term is NaN, zeroed by nan_to_num);
 // -inf entries and exp underflow contribute 0.
@@ -32,7 +33,7 @@ template <typename T>
 RowResult entropy_argmax_row(const typename T::storage* __restrict row, int64_t cols) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   constexpr float kMaxFloat = std::numeric_limits<float>::max();
-  float z[kRowBlock];
+  float z[kRowBlock], e_terms[kRowBlock], ed_terms[kRowBlock];
   float m = -kInf;  // running max
   float s = 0.0f;   // Σ exp(z - m)
   float t = 0.0f;   // Σ exp(z - m) · (z - m)
@@ -71,18 +72,22 @@ RowResult entropy_argmax_row(const typename T::storage* __restrict row, int64_t 
       m = block_max;
     }
     if (m == -kInf || m == kInf) continue;  // handled after the loop
-    float bs = 0.0f, bt = 0.0f;
-#pragma omp simd reduction(+ : bs, bt)
+#pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       // z - m can be -inf (z = -inf, or overflow): clamp so that 0 · d stays 0.
       const float diff = z[i] - m;
       const float d = select_f32(diff < -kMaxFloat, -kMaxFloat, diff);
       const float e = exp_f32(d);
-      bs += e;
-      bt += e * d;
+      e_terms[i] = e;
+      ed_terms[i] = e * d;
     }
-    s += bs;
-    t += bt;
+    float bs[kSumLanes] = {}, bt[kSumLanes] = {};
+    for_each_in_lanes(0, len, [&](int lane, int64_t i) {
+      bs[lane] += e_terms[i];
+      bt[lane] += ed_terms[i];
+    });
+    s += sum_lanes(bs);
+    t += sum_lanes(bt);
   }
   if (m == -kInf || m == kInf) return {-0.0f, argmax};
   return {std::log(s) - t / s, argmax};

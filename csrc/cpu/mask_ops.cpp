@@ -5,7 +5,8 @@
 
 #include <torch/library.h>
 
-#include <functional>
+#include <algorithm>
+#include <vector>
 
 #include "cpu_utils.h"
 
@@ -90,24 +91,33 @@ void mask_step_cpu(at::Tensor& logits, at::Tensor& weight, const at::Tensor& gra
 
 // ---- mask_grad_sumsq -----------------------------------------------------------------------
 
-// Squares are formed in fp32 like the reference's, summed in double per chunk: the chunks of
-// at::parallel_reduce depend only on n and the thread count, so the result is reproducible.
+// Squares are formed in fp32 like the reference's (a tile at a time, vectorized) and summed in
+// double, per fixed chunk of kGrain scalars in fixed lanes, then the chunks in order: the same bits
+// for every thread count and ISA build (at::parallel_reduce would split by thread).
 template <typename G, typename D>
 double mask_grad_sumsq_chunk(const float* __restrict s_ptr, const typename G::storage* __restrict g_ptr,
                              const typename D::storage* __restrict d_ptr, int64_t begin, int64_t end) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = begin; i < end; ++i) {
-    const float p = sigmoid_f32(s_ptr[i]);
-    const float v = (G::load(g_ptr[i]) * D::load(d_ptr[i])) * (p * (1.0f - p));
-    acc += static_cast<double>(v * v);
+  constexpr int kTile = 256;
+  double lanes[kSumLanes] = {};
+  float sq[kTile];
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, end - t0));
+#pragma omp simd
+    for (int j = 0; j < len; ++j) {
+      const int64_t i = t0 + j;
+      const float p = sigmoid_f32(s_ptr[i]);
+      const float v = (G::load(g_ptr[i]) * D::load(d_ptr[i])) * (p * (1.0f - p));
+      sq[j] = v * v;
+    }
+    for_each_in_lanes(0, len, [&](int lane, int64_t j) { lanes[lane] += static_cast<double>(sq[j]); });
   }
-  return acc;
+  return sum_lanes(lanes);
 }
 
 at::Tensor mask_grad_sumsq_cpu(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& delta) {
   check_mask_grad_sumsq(logits, grad, delta);
-  double total = 0.0;
+  const int64_t n = logits.numel();
+  std::vector<double> partial((n + kGrain - 1) / kGrain, 0.0);
   dispatch_float(grad.scalar_type(), [&](auto g_tag) {
     dispatch_float(delta.scalar_type(), [&](auto d_tag) {
       using G = decltype(g_tag);
@@ -115,14 +125,15 @@ at::Tensor mask_grad_sumsq_cpu(const at::Tensor& logits, const at::Tensor& grad,
       const float* s = logits.data_ptr<float>();
       const auto* g = data<G>(grad);
       const auto* d = data<D>(delta);
-      total = at::parallel_reduce(
-          int64_t{0}, logits.numel(), kGrain, 0.0,
-          [&](int64_t begin, int64_t end, double partial) {
-            return partial + mask_grad_sumsq_chunk<G, D>(s, g, d, begin, end);
-          },
-          std::plus<double>());
+      parallel_chunks(static_cast<int64_t>(partial.size()), 1, [&](int64_t first, int64_t last) {
+        for (int64_t c = first; c < last; ++c) {
+          partial[c] = mask_grad_sumsq_chunk<G, D>(s, g, d, c * kGrain, std::min(n, (c + 1) * kGrain));
+        }
+      });
     });
   });
+  double total = 0.0;
+  for (const double p : partial) total += p;
   return at::full({}, static_cast<float>(total), logits.options());
 }
 
