@@ -8,24 +8,14 @@ CALM_FAST_NO_CUDA=1 to build the CPU kernels only. Install with
 isolated build environment would pull a different torch than the one the extension loads into).
 """
 import os
-import platform
+import sys
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _lines(path):
-    lines = (ROOT / path).read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-
-
-def cpu_isas():
-    """name -> compiler flags of each CPU kernel build; ISA-specific builds on x86-64 only."""
-    isas = {name: flags for name, *flags in (ln.split() for ln in _lines("csrc/cpu/ISAS"))}
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return {name: flags for name, flags in isas.items() if x86 or not flags}
+sys.path.insert(0, str(ROOT / "csrc"))
+from build_lists import cpu_isas, lines  # noqa: E402  (the build lists, shared with the tests)
 
 
 def _cuda_home():
@@ -50,7 +40,7 @@ def _modules():
     # No FMA contraction, so every ISA rounds like the reference; -std comes from cpp_extension.
     cxx = ["-O3", "-g0", "-ffp-contract=off"]
     includes = [str(ROOT / "csrc")]
-    core = dict(name="calm_fast._C", sources=[s for s in _lines("csrc/SOURCES") if with_cuda or not s.endswith(".cu")],
+    core = dict(name="calm_fast._C", sources=[s for s in lines("csrc/SOURCES") if with_cuda or not s.endswith(".cu")],
                 include_dirs=includes,
                 extra_compile_args={"cxx": cxx + (["-DCALM_FAST_WITH_CUDA"] if with_cuda else [])})
     if with_cuda:
@@ -58,7 +48,7 @@ def _modules():
     modules = [(cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(**core)]
     for isa, flags in cpu_isas().items():
         modules.append(cpp_extension.CppExtension(
-            name=f"calm_fast._C_cpu_{isa}", sources=_lines("csrc/cpu/SOURCES"), include_dirs=includes,
+            name=f"calm_fast._C_cpu_{isa}", sources=lines("csrc/cpu/SOURCES"), include_dirs=includes,
             extra_compile_args={"cxx": cxx + ["-fopenmp", f"-DCALM_FAST_CPU_ISA={isa}", *flags]},
             extra_link_args=["-fopenmp"]))
 

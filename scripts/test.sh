@@ -22,7 +22,7 @@ pip_install .venv -r requirements/cpu.txt
 pip_install .venv --no-deps -r requirements/bench-cpu.txt
 logged build/cpu-build.log pip_install .venv --no-build-isolation --no-deps -e .
 
-step "CMake build of csrc/SOURCES (CPU)"
+step "CMake build of the native modules (CPU)"
 logged build/cmake-configure.log cmake -S . -B build/cmake -DPython_EXECUTABLE="$PWD/.venv/bin/python" \
   -DCMAKE_PREFIX_PATH="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 logged build/cmake-build.log cmake --build build/cmake -j 2

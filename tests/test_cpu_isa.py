@@ -3,7 +3,6 @@ op tests in this process cover the loaded build; here every other build this CPU
 same native-cpu op tests in a subprocess, and the loader's choices and refusals are checked."""
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +13,17 @@ import torch
 from calm_fast import _extension
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "csrc"))
+import build_lists  # noqa: E402  (csrc/build_lists.py: what setup.py builds)
+
 OP_TESTS = ["test_mask_ops.py", "test_consensus_merge.py", "test_magnitude_threshold.py",
             "test_entropy_argmax.py", "test_mask_packing.py", "test_errors.py"]
 pytestmark = pytest.mark.skipif(not _extension.NATIVE, reason=f"native extension not built: {_extension.LOAD_ERROR}")
 
 
-def _isas_in_build_list() -> list[str]:
-    lines = [ln.split() for ln in (REPO / "csrc" / "cpu" / "ISAS").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return [words[0] for words in lines if x86 or len(words) == 1]
-
-
 def _runnable() -> list[str]:
     best = _extension.CPU_ISAS.index(_extension.best_cpu_isa())
-    return [isa for isa in _extension.CPU_ISAS[best:] if isa in _isas_in_build_list()]
+    return [isa for isa in _extension.CPU_ISAS[best:] if isa in build_lists.cpu_isas()]
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
@@ -37,7 +32,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_every_listed_isa_is_built():
-    missing = [isa for isa in _isas_in_build_list() if importlib.util.find_spec(f"calm_fast._C_cpu_{isa}") is None]
+    missing = [isa for isa in build_lists.cpu_isas() if importlib.util.find_spec(f"calm_fast._C_cpu_{isa}") is None]
     assert not missing, f"CPU kernel modules not built: {missing}"
 
 

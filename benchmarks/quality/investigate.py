@@ -72,7 +72,7 @@ def magnitude_mask_merge(pretrained: dict, finetuned: dict, initial, sequential,
     return {k: current[k].to(v.dtype) if k in current else v for k, v in pretrained.items()}
 
 
-def test_split_control(setup, recipe, loop: dict, done: set, out: Path, runs: list) -> list:
+def test_split_control(setup, loop: dict, done: set, out: Path, runs: list) -> list:
     """Is the honest setting's gap transduction or the held-out pool's distribution? Each test
     split is cut in two fixed random halves A and B; CALM (3x updates) gets B's inputs
     (transductive) or A's (inductive: same distribution, never evaluated), and both are evaluated
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
                   + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()), flush=True)
     if "inductive" in args.groups:
-        runs += test_split_control(setup, recipe, loop, done, out, runs)
+        runs += test_split_control(setup, loop, done, out, runs)
     for name, spec in todo:
         if name in done:
             continue
