@@ -55,6 +55,26 @@ def test_threshold_matches_reference(backend_device, dtype, ties, gen):
             assert torch.equal(picked, _topk_by_order(cpu, k))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_over_many_unaligned_views(backend_device, dtype, gen):
+    """Dozens of tensors (the kernels' per-chunk owner table) that are views of one buffer at
+    addresses that are not 16-byte aligned (the unvectorized loads), with many ties."""
+    backend, device = backend_device
+    sizes = torch.randint(0, 300, (40,), generator=gen).tolist() + [5000]
+    buffer = _tensors([sum(sizes) + len(sizes)], dtype, gen, device, ties=True)[0]
+    tensors, offset = [], 1  # one element of gap before each view: odd addresses
+    for n in sizes:
+        tensors.append(buffer[offset:offset + n])
+        offset += n + 1
+    assert any(t.data_ptr() % 16 for t in tensors)
+    total = sum(sizes)
+    for k in (1, total // 2, total):
+        want_thr, want_quota = reference.magnitude_threshold(tensors, k)
+        thr, quota = ops.magnitude_threshold(tensors, k, backend=backend)
+        assert torch.equal(thr.cpu(), want_thr.cpu()), f"k={k}: {thr} != {want_thr}"
+        assert torch.equal(quota.cpu(), want_quota.cpu()), f"k={k}"
+
+
 def test_reference_threshold_matches_concatenated_topk(gen):
     tensors = _tensors([1000, 37, 4096], torch.float32, gen, "cpu", ties=False)
     flat = torch.cat(tensors).abs()

@@ -10,6 +10,9 @@ import pytest
 pytest.importorskip("triton")
 KERNELS = {"_mask_step_kernel", "_mask_grad_sumsq_kernel", "_masked_apply_kernel", "_consensus_merge_kernel", "_entropy_argmax_kernel",
            "_pack_kernel", "_unpack_kernel", "_radix_hist_kernel"}
+# The streaming kernels must read with 16-byte loads on aligned inputs (a scalar-load regression
+# costs bandwidth silently). entropy_argmax reads rows of any length; unpack_mask reads bytes.
+VECTORIZED = KERNELS - {"_entropy_argmax_kernel", "_unpack_kernel"}
 
 
 def test_triton_kernels_compile_for_sm90():
@@ -20,3 +23,5 @@ def test_triton_kernels_compile_for_sm90():
     compiled = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert {c["kernel"] for c in compiled} == KERNELS, run.stdout
     assert all(c["cubin"] for c in compiled), compiled
+    scalar = {c["kernel"] for c in compiled if c["kernel"] in VECTORIZED and c["vector_loads"] == 0}
+    assert not scalar, f"no 16-byte loads in {sorted(scalar)}"

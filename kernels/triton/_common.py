@@ -5,12 +5,11 @@ number of elements a program handles (BLOCK) and the warps per program. Offsets 
 int64 so that tensors of more than 2**31 elements index correctly.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) a program instance costs about
-2 ms whatever its size, so the persistent kernels cap their grid lower there.
+2 ms whatever its size.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -29,9 +28,14 @@ CONSENSUS_HELD = 8192
 # pack_mask: output bytes per program (8 input elements each, so 4096 inputs per program).
 PACK_BLOCK_BYTES = 512
 
-# magnitude_threshold histogram pass: elements per loop iteration of a (persistent) program.
+# magnitude_threshold histogram pass: a program histograms one chunk of HIST_BLOCKS_PER_CHUNK
+# blocks of HIST_BLOCK elements (16384 scalars, as the CUDA kernel's chunk). Under the
+# interpreter, smaller chunks so that the test sizes span several chunks and blocks.
 HIST_BLOCK = 4096
+HIST_BLOCKS_PER_CHUNK = 4
 HIST_WARPS = 8
+HIST_INTERPRETER_BLOCK = 1024
+HIST_INTERPRETER_BLOCKS_PER_CHUNK = 2
 
 # entropy_argmax: short rows are packed ROWS to a [ROWS, BLOCK_C] tile of ENTROPY_TILE logits
 # (larger multi-row tiles cost >100 registers a thread on sm_90); long rows get one program
@@ -50,21 +54,6 @@ def interpreting() -> bool:
 
 def grid_1d(numel: int, block: int = BLOCK) -> tuple[int]:
     return (triton.cdiv(numel, block),)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def persistent_grid(numel: int, block: int, device: torch.device) -> tuple[int]:
-    """Grid of a grid-stride kernel: one program per block, capped at a few waves of SMs."""
-    blocks = triton.cdiv(numel, block)
-    if device.type == "cuda":
-        cap = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:  # interpreter: every program instance is a Python-level loop
-        cap = 4
-    return (max(1, min(blocks, cap)),)
 
 
 def consensus_block(num_inputs: int, keeps_inputs: bool) -> int:
