@@ -63,14 +63,16 @@ def _modules():
             finally:
                 self.build_temp = base
 
-    return modules, BuildExt, with_cuda
+    # one build tree per (CPU-only or CUDA, torch version): builds of one checkout against the
+    # different torch environments of scripts/test.sh don't rebuild (or reuse) each other's objects
+    build_base = f"build/{'cuda' if with_cuda else 'cpu'}-torch-{torch.__version__}"
+    return modules, BuildExt, build_base
 
 
-modules, build_ext, with_cuda = _modules()
+modules, build_ext, build_base = _modules()
 setup(
     ext_modules=modules,
-    # separate build trees, so CPU-only and CUDA builds of one checkout don't rebuild each other
-    options={"build": {"build_base": "build/cuda" if with_cuda else "build/cpu"}},
+    options={"build": {"build_base": build_base}},
     cmdclass={"build_ext": build_ext},
     # `calm-fast bench` runs benchmarks/bench_ops.py, so the benchmarks ship as calm_fast.benchmarks
     package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton",

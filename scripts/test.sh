@@ -2,8 +2,9 @@
 # From a fresh clone: install pinned dependencies, build calm_fast, run every test.
 #  1. .venv (CPU torch): editable build of the C++ kernels, CMake build of the same sources,
 #     then the whole test suite (C++ kernels, Triton kernels under TRITON_INTERPRET=1).
-#  2. .venv-cuda (CUDA torch, when nvcc is present): builds and links the CUDA kernels for
-#     sm_90 and checks each op has a CUDA kernel registered. GPU runtime tests run only on a GPU.
+#  2. .venv-cuda (torch 2.14.1+cu130) and .venv-cuda-min (torch 2.11.0+cu130), when nvcc is
+#     present: builds and links the CUDA kernels for sm_90 against each and checks each op has a
+#     CUDA kernel registered. GPU runtime tests run only on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -27,16 +28,23 @@ logged build/cmake-configure.log cmake -S . -B build/cmake -DPython_EXECUTABLE="
   -DCMAKE_PREFIX_PATH="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 logged build/cmake-build.log cmake --build build/cmake -j 2
 
+# Build and link the CUDA kernels against a CUDA torch (no GPU needed) and check every op has a
+# CUDA kernel registered; run from tests/ so that the installed package, not the tree, is imported.
+cuda_build_check() {
+  local venv=$1 requirements=$2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  pip_install "$venv" -r "$requirements"
+  logged "build/${venv#.}-build.log" pip_install "$venv" --no-build-isolation --no-deps .
+  (cd tests && CALM_FAST_REQUIRE_CUDA_BUILD=1 "../$venv/bin/pytest" -q -p no:cacheprovider test_torch_integration.py)
+}
+
 if [ -x "$CUDA_HOME/bin/nvcc" ]; then
-  step "CUDA build (nvcc sm_${TORCH_CUDA_ARCH_LIST/./}) against torch+cu130, link and registration check"
-  [ -x .venv-cuda/bin/python ] || python3 -m venv .venv-cuda
-  pip_install .venv-cuda -r requirements/cuda.txt
-  logged build/cuda-build.log pip_install .venv-cuda --no-build-isolation --no-deps .
-  # run from tests/ so that the installed package, not the source tree, is imported
-  (cd tests && CALM_FAST_REQUIRE_CUDA_BUILD=1 ../.venv-cuda/bin/pytest -q -p no:cacheprovider \
-     test_torch_integration.py)
+  step "CUDA build (nvcc sm_${TORCH_CUDA_ARCH_LIST/./}) against torch 2.14.1+cu130, link and registration check"
+  cuda_build_check .venv-cuda requirements/cuda.txt
+  step "the same against torch 2.11.0+cu130 (the oldest supported, the GPU machines')"
+  cuda_build_check .venv-cuda-min requirements/cuda-min.txt
 else
-  echo "nvcc not found under $CUDA_HOME: CUDA build skipped"
+  echo "nvcc not found under $CUDA_HOME: CUDA builds skipped"
 fi
 
 step "test suite"
