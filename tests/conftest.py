@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "csrc"))  # csrc/build_lists.py: what setup.py builds, for the build tests
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # Triton kernels run on CPU tensors through its interpreter

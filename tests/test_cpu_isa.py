@@ -5,16 +5,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import build_lists
 import pytest
 import torch
 
 from calm_fast import _extension
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "csrc"))
-import build_lists  # noqa: E402  (csrc/build_lists.py: what setup.py builds)
+from conftest import REPO
 
 OP_TESTS = ["test_mask_ops.py", "test_consensus_merge.py", "test_magnitude_threshold.py",
             "test_entropy_argmax.py", "test_mask_packing.py", "test_errors.py"]

@@ -6,11 +6,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "csrc"))
-import build_lists  # noqa: E402
+import build_lists
+from conftest import REPO
 
 LISTS = ["csrc/SOURCES", "csrc/cpu/SOURCES", "csrc/cpu/ISAS"]
 # What never goes into an sdist: environments, build trees, caches, results.

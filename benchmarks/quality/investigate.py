@@ -72,7 +72,16 @@ def magnitude_mask_merge(pretrained: dict, finetuned: dict, initial, sequential,
     return {k: current[k].to(v.dtype) if k in current else v for k, v in pretrained.items()}
 
 
-def test_split_control(setup, loop: dict, done: set, out: Path, runs: list) -> list:
+def record(runs: list, row: dict, out: Path, seconds: float | None = None) -> None:
+    """Appends a finished run and rewrites the output JSON at once (an interrupted sweep keeps it)."""
+    runs.append(row)
+    out.write_text(json.dumps(runs, indent=2) + "\n")
+    print(f"{row['name']:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
+          + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items())
+          + ("" if seconds is None else f" ({seconds:.0f}s)"), flush=True)
+
+
+def inductive_control(setup, loop: dict, done: set, out: Path, runs: list) -> None:
     """Is the honest setting's gap transduction or the held-out pool's distribution? Each test
     split is cut in two fixed random halves A and B; CALM (3x updates) gets B's inputs
     (transductive) or A's (inductive: same distribution, never evaluated), and both are evaluated
@@ -84,19 +93,14 @@ def test_split_control(setup, loop: dict, done: set, out: Path, runs: list) -> l
     on_b = replace(setup, tests={t: h[1] for t, h in halves.items()}, heldout={t: h[0] for t, h in halves.items()})
     individual = {t: q["accuracy_all"] for t, q in pseudo_label_quality(on_b, pools=("test",))["test"].items()}
     config = calm_fast.CALMConfig(**{**loop, "updates": 3 * loop["updates"]})
-    new = []
     for name, pool in (("test split B: transductive on B, 3x updates", "test"),
                        ("test split B: inductive from half A, 3x updates", "heldout")):
         if name in done:
             continue
         state, result, seconds = merge(on_b, Method("calm", name, "calm", config, unlabeled=pool))
-        row = {"name": name, "group": "inductive", **summarize(on_b.evaluate(state), individual),
-               "individual_on_b": individual, "merge_seconds": seconds, "calm": calm_summary(result)}
-        new.append(row)
-        out.write_text(json.dumps(runs + new, indent=2) + "\n")
-        print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
-              + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()) + f" ({seconds:.0f}s)", flush=True)
-    return new
+        record(runs, {"name": name, "group": "inductive", **summarize(on_b.evaluate(state), individual),
+                      "individual_on_b": individual, "merge_seconds": seconds, "calm": calm_summary(result)},
+               out, seconds)
 
 
 def main(argv=None) -> int:
@@ -144,12 +148,9 @@ def main(argv=None) -> int:
             row = {"name": name, "group": "control", **summarize(setup.evaluate(state), individual),
                    "merge_seconds": seconds, "densities": density,
                    "initial": calm_row["initial"], "sequential": calm_row["sequential"]}
-            runs.append(row)
-            out.write_text(json.dumps(runs, indent=2) + "\n")
-            print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
-                  + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()), flush=True)
+            record(runs, row, out)
     if "inductive" in args.groups:
-        runs += test_split_control(setup, loop, done, out, runs)
+        inductive_control(setup, loop, done, out, runs)
     for name, spec in todo:
         if name in done:
             continue
@@ -160,10 +161,7 @@ def main(argv=None) -> int:
         if result is not None and result.report is not None:
             row["calm"] = calm_summary(result)
             row["config"] = {k: str(v) for k, v in result.config.__dict__.items()}
-        runs.append(row)
-        out.write_text(json.dumps(runs, indent=2) + "\n")
-        print(f"{name:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
-              + " ".join(f"{t[:5]} {a:.3f}" for t, a in row["accuracy"].items()) + f" ({seconds:.0f}s)", flush=True)
+        record(runs, row, out, seconds)
     return 0
 
 
