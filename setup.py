@@ -8,6 +8,7 @@ CALM_FAST_NO_CUDA=1 to build the CPU kernels only. Install with
 isolated build environment would pull a different torch than the one the extension loads into).
 """
 import os
+import runpy
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "csrc"))
 from build_lists import cpu_isas, lines  # noqa: E402  (the build lists, shared with the tests)
+
+SUBPACKAGES = runpy.run_path(str(ROOT / "calm_fast" / "_source_tree.py"))["SUBPACKAGES"]
 
 
 def _cuda_home():
@@ -74,8 +77,8 @@ setup(
     ext_modules=modules,
     options={"build": {"build_base": build_base}},
     cmdclass={"build_ext": build_ext},
-    # `calm-fast bench` runs benchmarks/bench_ops.py, so the benchmarks ship as calm_fast.benchmarks
-    package_dir={"calm_fast": "calm_fast", "calm_fast.triton_kernels": "kernels/triton",
-                 "calm_fast.benchmarks": "benchmarks"},
-    packages=["calm_fast", "calm_fast.triton_kernels", "calm_fast.benchmarks"],
+    # sub-packages kept outside calm_fast/ (the Triton kernels; the benchmarks, which `calm-fast
+    # bench` runs): one table, which a source tree without an install reads too
+    package_dir={"calm_fast": "calm_fast", **{f"calm_fast.{name}": folder for name, folder in SUBPACKAGES.items()}},
+    packages=["calm_fast", "calm_fast.distributed", *(f"calm_fast.{name}" for name in SUBPACKAGES)],
 )

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from . import _extension, _meta, reference
+from . import _extension, _meta, _source_tree, reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
 _state = {"backend": os.environ.get("CALM_FAST_BACKEND", "auto")}
@@ -42,9 +42,8 @@ def use_backend(name: str):
 
 
 def _triton_module():
-    from . import triton_kernels  # imported lazily: triton is optional
-
-    return triton_kernels
+    """calm_fast.triton_kernels, imported lazily (triton is optional), installed or from the tree."""
+    return _source_tree.import_subpackage("triton_kernels")
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:

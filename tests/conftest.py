@@ -21,6 +21,10 @@ import calm_fast  # noqa: E402  (after TRITON_INTERPRET is set)
 from calm_fast import _extension  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# The GPU run (benchmarks/gpu_run.sh) sets CALM_FAST_REQUIRE_GPU=1: there, a GPU test that would
+# skip (no device, a CPU-only build, no triton) fails instead, so a green run means it ran.
+REQUIRE_GPU = os.environ.get("CALM_FAST_REQUIRE_GPU") == "1"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 SESSION_SEED = int(os.environ.get("CALM_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 
 # Tolerances for outputs stored in each dtype, against the fp32 reference rounded the same way:
@@ -38,6 +42,34 @@ NATIVE_SIZES = [0, 1, 7, 1000, 4095, 4096, 4097, 2**20 + 3]
 INTERPRETER_SIZES = [0, 1, 7, 1000, 4099]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--large", action="store_true",
+                     help="also run the tests marked large (tensors over 2**31 elements, ~10 GiB of memory)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "large: tensors over 2**31 elements; run only with --large")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--large"):
+        return
+    skip = pytest.mark.skip(reason="large tensors: run with --large (scripts/test.sh runs them as their own step)")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CALM_FAST_REQUIRE_GPU=1 a skipped CUDA test is reported as failed (see REQUIRE_GPU)."""
+    report = yield
+    if REQUIRE_GPU and report.skipped and "cuda" in item.nodeid.lower():
+        report.outcome = "failed"
+        report.longrepr = f"CALM_FAST_REQUIRE_GPU=1 but this CUDA test skipped: {report.longrepr}"
+    return report
+
+
 def pytest_report_header(config):
     return (f"calm_fast: native={_extension.NATIVE} cpu_isa={_extension.CPU_ISA} native_cuda={_extension.NATIVE_CUDA} "
             f"cuda={HAS_CUDA} triton={HAS_TRITON} seed={SESSION_SEED} "
@@ -47,7 +79,7 @@ def pytest_report_header(config):
 KERNEL_BACKENDS = (("native", "cpu"), ("triton", "cpu"), ("native", "cuda"), ("triton", "cuda"))
 
 
-def _backend_params(pairs):
+def backend_params(pairs):
     params = []
     for backend, device in pairs:
         reason = None
@@ -64,13 +96,13 @@ def _backend_params(pairs):
     return params
 
 
-@pytest.fixture(params=_backend_params(KERNEL_BACKENDS))
+@pytest.fixture(params=backend_params(KERNEL_BACKENDS))
 def backend_device(request):
     """(backend, device) pairs of every kernel; missing ones skip with the reason."""
     return request.param
 
 
-@pytest.fixture(params=_backend_params(KERNEL_BACKENDS + (("reference", "cpu"),)))
+@pytest.fixture(params=backend_params(KERNEL_BACKENDS + (("reference", "cpu"),)))
 def any_backend(request):
     """The kernels and the reference itself: for tests whose oracle is not the reference."""
     return request.param

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from calm_fast import ops, reference
-from conftest import DTYPES, TOLERANCES, sizes_for
+from conftest import DTYPES, TOLERANCES, backend_params, sizes_for
 
 
 def _task_vectors(num_tasks, n, dtype, gen, device, quantized):
@@ -58,3 +58,20 @@ def test_baselines_match_textbook_formulas(any_backend, gen):
     consensus = torch.where(tall.sum(0) >= 2, lam * stacked.sum(0), 0.0)
     got = ops.consensus_merge(taus, [lam] * 4, [0.4] * 4, "consensus", 2, backend=backend)
     torch.testing.assert_close(got, consensus)
+
+
+@pytest.mark.parametrize("method", ["sum", "ties", "consensus"])
+@pytest.mark.parametrize("num_tasks", [65, 250])
+@pytest.mark.parametrize("native", backend_params((("native", "cpu"), ("native", "cuda"))))
+def test_consensus_merge_many_tasks(native, method, num_tasks, gen):
+    """Above 64 tasks the CUDA kernel reads its task table from device memory, uploaded through
+    kernel arguments (250 tasks: 500 words, two upload launches). Not Triton: it unrolls its loops
+    over the tasks at compile time, for a few tasks."""
+    backend, device = native
+    n = 1003
+    taus = _task_vectors(num_tasks, n, torch.float32, gen, device, quantized=True)
+    weights = (torch.rand(num_tasks, generator=gen) + 0.1).tolist()
+    thresholds = (torch.rand(num_tasks, generator=gen) * 0.6 + 0.2).tolist()
+    want = reference.consensus_merge(taus, weights, thresholds, method, 3)
+    got = ops.consensus_merge(taus, weights, thresholds, method, 3, backend=backend)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])

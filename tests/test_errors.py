@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from calm_fast import ops
+from conftest import backend_params
 
 f32 = torch.float32
 
@@ -86,10 +87,10 @@ CASES = _cases()
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_raises_clear_error(any_backend, case):
-    backend, device = any_backend
-    if device != "cpu":
-        pytest.skip("the error contract is exercised on CPU tensors")
+@pytest.mark.parametrize("cpu_backend", backend_params((("native", "cpu"), ("triton", "cpu"), ("reference", "cpu"))))
+def test_bad_input_raises_clear_error(cpu_backend, case):
+    """On CPU tensors: the checks are the same code for every device."""
+    backend, _ = cpu_backend
     exc, pattern, call = CASES[case]
     with pytest.raises(exc, match=pattern):
         call(backend)

@@ -1,4 +1,7 @@
 """magnitude_threshold: exact k-th largest |x| over a list of tensors, with tie quotas."""
+import collections
+import importlib
+
 import pytest
 import torch
 
@@ -90,3 +93,36 @@ def test_nan_orders_above_inf(any_backend):
     assert torch.isnan(thr) and quota.tolist() == [1]
     thr, _ = ops.magnitude_threshold([x], 2, backend=backend)
     assert float(thr) == float("inf")
+
+
+def _check_against_reference(tensors, k, backend):
+    want_thr, want_quota = reference.magnitude_threshold(tensors, k)
+    thr, quota = ops.magnitude_threshold(tensors, k, backend=backend)
+    assert torch.equal(thr.cpu(), want_thr.cpu()), f"k={k}: {thr} != {want_thr}"
+    assert torch.equal(quota.cpu(), want_quota.cpu()), f"k={k}"
+
+
+def test_threshold_over_hundreds_of_tensors(backend_device, gen):
+    """The select step sums the histogram rows of every tensor, in tiles of rows."""
+    backend, device = backend_device
+    sizes = torch.randint(0, 5, (300,), generator=gen).tolist()
+    _check_against_reference(_tensors(sizes, torch.bfloat16, gen, device, ties=True), sum(sizes) // 2, backend)
+
+
+def test_lists_seen_again_read_their_current_data(backend_device, gen, monkeypatch):
+    """A list passed again with new contents at the same addresses (the Triton backend's cached
+    table), and after more lists than that cache holds (its table evicted), gives exact results."""
+    backend, device = backend_device
+    module = None
+    if backend == "triton":
+        module = importlib.import_module("calm_fast.triton_kernels.magnitude_threshold")
+        monkeypatch.setattr(module, "TABLE_CACHE_SIZE", 4)
+        monkeypatch.setattr(module, "_TABLES", collections.OrderedDict())
+    lists = [_tensors([50, 0, 7], torch.bfloat16, gen, device, ties=True) for _ in range(6)]
+    for tensors in lists:
+        _check_against_reference(tensors, 20, backend)
+    for tensors in lists[:2] + lists[-1:]:  # evicted, evicted, cached
+        tensors[0].copy_(_tensors([50], torch.bfloat16, gen, device, ties=True)[0])
+        _check_against_reference(tensors, 20, backend)
+    if module is not None:
+        assert len(module._TABLES) == 4

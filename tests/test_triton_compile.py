@@ -9,10 +9,11 @@ import pytest
 
 pytest.importorskip("triton")
 KERNELS = {"_mask_step_kernel", "_mask_grad_sumsq_kernel", "_masked_apply_kernel", "_consensus_merge_kernel", "_entropy_argmax_kernel",
-           "_pack_kernel", "_unpack_kernel", "_radix_hist_kernel"}
+           "_pack_kernel", "_unpack_kernel", "_radix_hist_kernel", "_radix_select_kernel"}
 # The streaming kernels must read with 16-byte loads on aligned inputs (a scalar-load regression
-# costs bandwidth silently). entropy_argmax reads rows of any length; unpack_mask reads bytes.
-VECTORIZED = KERNELS - {"_entropy_argmax_kernel", "_unpack_kernel"}
+# costs bandwidth silently). entropy_argmax reads rows of any length; unpack_mask reads bytes;
+# the radix select reads one small histogram.
+VECTORIZED = KERNELS - {"_entropy_argmax_kernel", "_unpack_kernel", "_radix_select_kernel"}
 
 
 def test_triton_kernels_compile_for_sm90():

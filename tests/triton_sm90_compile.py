@@ -53,7 +53,9 @@ def compile_instead_of_launch(self, grid):
 driver.set_active(Sm90CompileDriver())
 JITFunction.__getitem__ = compile_instead_of_launch
 
-from calm_fast import triton_kernels as tk  # noqa: E402
+from calm_fast._source_tree import import_subpackage  # noqa: E402
+
+tk = import_subpackage("triton_kernels")
 
 n = 1 << 16
 for dtype in (torch.float32, torch.bfloat16):
@@ -65,9 +67,6 @@ for dtype in (torch.float32, torch.bfloat16):
     tk.consensus_merge([x] * 8, [0.3] * 8, [0.1] * 8, "ties", 0)
     tk.entropy_argmax(torch.randn(64, 1000).to(dtype))
     tk.pack_mask(x)
-    try:  # the first histogram pass compiles; later passes read back histograms nobody wrote
-        tk.magnitude_threshold([x], 10)
-    except Exception:  # noqa: BLE001
-        pass
+    tk.magnitude_threshold([x], 10)
 tk.unpack_mask(torch.zeros(n // 8, dtype=torch.uint8), n)
 sys.exit(0)

@@ -2,8 +2,9 @@
 //
 // One element-wise kernel over N scalars reading the T task vectors through a table of device
 // pointers (no [T, N] stacking): passed by value in the kernel arguments for T <= kInlineTasks,
-// copied to a small device buffer above that. Per thread and group of 16 bytes of each task
-// vector (4 fp32 / 8 bf16 or fp16 scalars; single scalars when a pointer is misaligned):
+// uploaded to a small device buffer above that (cuda::upload_words: no sync, capturable). Per
+// thread and group of 16 bytes of each task vector (4 fp32 / 8 bf16 or fp16 scalars; single
+// scalars when a pointer is misaligned):
 //   sum:        weighted = Σ_t w_t·τ_t                                   (one read of each τ_t)
 //   ties:       pass 1 trimmed = Σ_t keep_t(τ_t); pass 2 weighted / count over agreeing tasks
 //   consensus:  pass 1 total = Σ_t τ_t;          pass 2 votes and weighted
@@ -205,19 +206,17 @@ at::Tensor consensus_merge_cuda(at::TensorList task_vectors_list, at::ArrayRef<d
       table.count = num_tasks;
       launch(table);
     } else {
-      // Pointers, weights and thresholds packed into one int64 buffer (pointers first, so they
-      // stay 8-byte aligned), copied to the device on the current stream. The blocking copy
-      // keeps `host` alive long enough; `dev` is stream-ordered by the caching allocator.
+      // Pointers, weights and thresholds packed into one int64 table (pointers first, so they
+      // stay 8-byte aligned) and uploaded through kernel arguments: no host sync, capturable.
       // num_tasks words of pointers, then 2 * num_tasks floats = num_tasks more words.
-      at::Tensor host = at::empty({2 * static_cast<int64_t>(num_tasks)}, at::TensorOptions().dtype(at::kLong));
-      auto* words = host.data_ptr<int64_t>();
+      std::vector<int64_t> words(2 * static_cast<size_t>(num_tasks));
       for (int t = 0; t < num_tasks; ++t) {
         words[t] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(task_vectors[t].data_ptr()));
       }
-      auto* floats = reinterpret_cast<float*>(words + num_tasks);
+      auto* floats = reinterpret_cast<float*>(words.data() + num_tasks);
       std::memcpy(floats, w32.data(), sizeof(float) * num_tasks);
       std::memcpy(floats + num_tasks, thr32.data(), sizeof(float) * num_tasks);
-      const at::Tensor dev = host.to(first.device());
+      const at::Tensor dev = cuda::upload_words(words, first.device());
       const auto* dev_words = dev.data_ptr<int64_t>();
       const auto* dev_floats = reinterpret_cast<const float*>(dev_words + num_tasks);
       const DeviceTable table{reinterpret_cast<const void* const*>(dev_words), dev_floats,

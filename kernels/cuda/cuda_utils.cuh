@@ -12,6 +12,8 @@
 //    op.template apply<VEC>(i) on aligned groups of VEC items and op.template apply<1>(i) on the
 //    tail; falls back to VEC = 1 everywhere when the operands are not aligned.
 //  * dispatch_float: at::ScalarType (float32 / bfloat16 / float16) -> a C++ storage type.
+//  * upload_words: a small host table (pointers, sizes) as a device int64 tensor, without a host
+//    sync and capturable in a CUDA graph (device_table.cu).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace calm_fast {
 namespace cuda {
@@ -266,6 +269,9 @@ decltype(auto) dispatch_float(at::ScalarType dtype, const char* op, F&& f) {
   TORCH_CHECK_TYPE(dtype == at::kHalf, "calm_fast.", op, ": unsupported dtype ", dtype);
   return f(TypeTag<__half>{});
 }
+
+// `words` as an int64 tensor on `device`, written by kernels on the current stream.
+at::Tensor upload_words(const std::vector<int64_t>& words, const at::Device& device);
 
 template <typename T>
 inline T* ptr_of(const at::Tensor& t) {

@@ -7,10 +7,13 @@
 // scalars) of the tensor t whose block range holds b (binary search). A block histograms the
 // digit of the entries whose higher digits equal the prefix chosen so far into shared memory
 // (warp-aggregated with __match_any_sync, since magnitudes crowd a few bins), then adds its
-// non-zero bins to the per-tensor global histogram hist[t * 256 + bin] (uint64 atomics). The
-// host copies the histogram back after each pass and picks the bin with select_radix_bin. The
-// last pass's counts in the chosen bin are the per-tensor tie counts; quotas are filled greedily
-// in tensor order as in the reference. No concatenation, no sort, no N-sized temporary.
+// non-zero bins to the per-tensor global histogram hist[t * 256 + bin] (uint64 atomics).
+// After each pass one block (radix_select_kernel) picks the bin on the device, as
+// select_radix_bin does on the host, and keeps (prefix, k remaining) in a device state that the
+// next pass reads; after the last pass it writes the threshold and the tie quotas (filled in
+// tensor order, as the reference). The table and the state reach the device through kernel
+// arguments (cuda::upload_words), so the op never synchronizes with the host and can be
+// captured in a CUDA graph. No concatenation, no sort, no N-sized temporary.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -19,7 +22,6 @@
 
 #include <climits>
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -31,10 +33,10 @@ using cuda::Elem;
 constexpr int kChunk = 16384;  // scalars per block (a multiple of kThreads * 8)
 constexpr unsigned kNoBin = kRadixBins;  // sentinel: entry not counted this pass
 
-// table (int64 words): ptr[L], numel[L], first_block[L + 1], aligned[L].
+// table (int64 words): ptr[L], numel[L], first_block[L + 1], aligned[L]; state: prefix, k left.
 template <typename T>
 __global__ void __launch_bounds__(cuda::kThreads)
-    radix_histogram_kernel(const int64_t* __restrict__ table, int num_tensors, uint32_t prefix,
+    radix_histogram_kernel(const int64_t* __restrict__ table, int num_tensors, const int64_t* __restrict__ state,
                            int shift, unsigned long long* __restrict__ hist) {
   using Bits = typename Elem<T>::Bits;
   constexpr uint32_t kAbsMask = sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu;
@@ -63,6 +65,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   const int64_t begin = (b - first_block[t]) * kChunk;
   const int64_t end = min(begin + static_cast<int64_t>(kChunk), numels[t]);
   const bool vectorized = aligned[t] != 0;
+  const uint32_t prefix = static_cast<uint32_t>(state[0]);
 
   for (int bin = threadIdx.x; bin < kRadixBins; bin += blockDim.x) counts[bin] = 0;
   __syncthreads();
@@ -106,6 +109,70 @@ __global__ void __launch_bounds__(cuda::kThreads)
   }
 }
 
+// One block of kRadixBins threads, after each histogram pass: select_radix_bin on the device.
+// state = (prefix, k remaining) is updated in place; after the last pass (quota != nullptr) the
+// threshold's bits and the per-tensor tie quotas are written.
+template <typename Bits>
+__global__ void __launch_bounds__(kRadixBins)
+    radix_select_kernel(const unsigned long long* __restrict__ hist, int num_tensors, int64_t* __restrict__ state,
+                        int64_t* __restrict__ quota, Bits* __restrict__ threshold) {
+  __shared__ unsigned long long totals[kRadixBins];
+  __shared__ long long chunk_base[kRadixBins];
+  __shared__ int chosen;
+  __shared__ long long k_left;
+  const int tid = threadIdx.x;
+
+  unsigned long long total = 0;
+  for (int t = 0; t < num_tensors; ++t) total += hist[static_cast<int64_t>(t) * kRadixBins + tid];
+  totals[tid] = total;
+  __syncthreads();
+  if (tid == 0) {
+    long long k = state[1];
+    int bin = 0;  // k <= numel (checked on the host), so the walk always stops at some bin
+    for (int b = kRadixBins - 1; b >= 0; --b) {
+      const long long count = static_cast<long long>(totals[b]);
+      if (count >= k) {
+        bin = b;
+        break;
+      }
+      k -= count;
+    }
+    chosen = bin;
+    k_left = k;
+    state[0] = (state[0] << kRadixBits) | bin;
+    state[1] = k;
+  }
+  __syncthreads();
+  if (quota == nullptr) return;
+
+  // k_left ties to select among the entries equal to the threshold: tensor t takes
+  // clamp(k_left - (ties of tensors before t), 0, its ties). Thread j owns a contiguous range of
+  // tensors; an exclusive scan of the per-thread sums gives each range its offset.
+  const int per_thread = (num_tensors + kRadixBins - 1) / kRadixBins;
+  const int first = min(tid * per_thread, num_tensors);
+  const int last = min(first + per_thread, num_tensors);
+  long long own = 0;
+  for (int t = first; t < last; ++t) own += static_cast<long long>(hist[static_cast<int64_t>(t) * kRadixBins + chosen]);
+  chunk_base[tid] = own;
+  __syncthreads();
+  if (tid == 0) {
+    long long running = 0;
+    for (int j = 0; j < kRadixBins; ++j) {
+      const long long c = chunk_base[j];
+      chunk_base[j] = running;
+      running += c;
+    }
+    *threshold = static_cast<Bits>(state[0]);
+  }
+  __syncthreads();
+  long long before = chunk_base[tid];
+  for (int t = first; t < last; ++t) {
+    const long long ties = static_cast<long long>(hist[static_cast<int64_t>(t) * kRadixBins + chosen]);
+    quota[t] = max(0LL, min(ties, k_left - before));
+    before += ties;
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> select_kth(const std::vector<at::Tensor>& tensors, int64_t k) {
   using Bits = typename Elem<T>::Bits;
@@ -114,9 +181,9 @@ std::tuple<at::Tensor, at::Tensor> select_kth(const std::vector<at::Tensor>& ten
   const at::Tensor& first = tensors[0];
   const int num_tensors = static_cast<int>(tensors.size());
 
-  // Device table of the list.
-  at::Tensor host_table = at::empty({4 * static_cast<int64_t>(num_tensors) + 1}, at::TensorOptions().dtype(at::kLong));
-  int64_t* words = host_table.data_ptr<int64_t>();
+  // The list's table, then the selection state (prefix 0, k to go), in one upload.
+  const int64_t table_words = 4 * static_cast<int64_t>(num_tensors) + 1;
+  std::vector<int64_t> words(table_words + 2);
   int64_t blocks = 0;
   for (int t = 0; t < num_tensors; ++t) {
     const int64_t n = tensors[t].numel();
@@ -127,43 +194,32 @@ std::tuple<at::Tensor, at::Tensor> select_kth(const std::vector<at::Tensor>& ten
     blocks += (n + kChunk - 1) / kChunk;
   }
   words[3 * num_tensors] = blocks;
+  words[table_words] = 0;
+  words[table_words + 1] = k;
   TORCH_CHECK(blocks > 0 && blocks <= INT_MAX, "calm_fast.magnitude_threshold: ", blocks,
               " blocks do not fit one launch");
-  const at::Tensor table = host_table.to(first.device());
+  const at::Tensor uploaded = cuda::upload_words(words, first.device());
+  const int64_t* table = uploaded.data_ptr<int64_t>();
+  int64_t* state = uploaded.data_ptr<int64_t>() + table_words;
   at::Tensor hist = at::empty({static_cast<int64_t>(num_tensors) * kRadixBins}, first.options().dtype(at::kLong));
+  auto* hist_words = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+  at::Tensor threshold = at::empty(at::IntArrayRef{}, first.options());
+  at::Tensor quota = at::empty({num_tensors}, first.options().dtype(at::kLong));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  uint32_t prefix = 0;
-  int64_t k_remaining = k;
-  at::Tensor hist_host;
-  int bin = 0;
   for (int pass = 0; pass < kPasses; ++pass) {
     const int shift = kRadixBits * (kPasses - 1 - pass);
+    const bool last = pass == kPasses - 1;
     hist.zero_();
     radix_histogram_kernel<T><<<static_cast<unsigned>(blocks), cuda::kThreads, 0, stream>>>(
-        table.data_ptr<int64_t>(), num_tensors, prefix, shift,
-        reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()));
+        table, num_tensors, state, shift, hist_words);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    hist_host = hist.cpu();  // synchronizes the stream
-    bin = select_radix_bin(hist_host.data_ptr<int64_t>(), num_tensors, &k_remaining);
-    prefix = (prefix << kRadixBits) | static_cast<uint32_t>(bin);
+    radix_select_kernel<Bits><<<1, kRadixBins, 0, stream>>>(
+        hist_words, num_tensors, state, last ? quota.data_ptr<int64_t>() : nullptr,
+        last ? static_cast<Bits*>(threshold.data_ptr()) : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-
-  // k_remaining = rank of the k-th largest among the entries equal to it = ties to select.
-  at::Tensor quota_host = at::empty({num_tensors}, at::TensorOptions().dtype(at::kLong));
-  int64_t* quota = quota_host.data_ptr<int64_t>();
-  const int64_t* last_hist = hist_host.data_ptr<int64_t>();
-  int64_t ties_needed = k_remaining;
-  for (int t = 0; t < num_tensors; ++t) {
-    const int64_t take = std::min(ties_needed, last_hist[static_cast<int64_t>(t) * kRadixBins + bin]);
-    quota[t] = take;
-    ties_needed -= take;
-  }
-
-  at::Tensor threshold_host = at::empty(at::IntArrayRef{}, at::TensorOptions().dtype(first.scalar_type()));
-  const Bits threshold_bits = static_cast<Bits>(prefix);
-  std::memcpy(threshold_host.data_ptr(), &threshold_bits, sizeof(Bits));
-  return {threshold_host.to(first.device()), quota_host.to(first.device())};
+  return {threshold, quota};
 }
 
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList tensors_list, int64_t k) {
