@@ -57,8 +57,10 @@ def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device, p
 
 
 def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: DataFreeConfig,
-                    device, progress=None) -> dict[str, torch.Tensor]:
-    """Merged weights for `keys` (the caller carries pretrained's other entries)."""
+                    device, progress=None, thresholds=None) -> dict[str, torch.Tensor]:
+    """Merged weights for `keys` (the caller carries pretrained's other entries). TIES measures
+    its thresholds over `keys` unless given them (a distributed merge measures them over every
+    rank's keys, calm_fast.distributed)."""
     num_tasks = len(finetuned)
     config.validate(num_tasks, method)
     if method == "average":
@@ -66,7 +68,8 @@ def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: Data
     elif method == "task_arithmetic":
         op_method, weights, thresholds, votes = "sum", [config.scaling] * num_tasks, [], 0
     elif method == "ties":
-        thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device, progress)
+        if thresholds is None:
+            thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device, progress)
         op_method, weights, votes = "ties", [config.scaling] * num_tasks, 0
     elif method == "consensus":
         op_method, weights, votes = "consensus", [config.scaling] * num_tasks, config.min_votes
