@@ -1,7 +1,9 @@
-"""`calm-fast`: merge from a config file, replay masks, inspect masks, show the build, run the op benchmarks."""
+"""`calm-fast`: merge from a config file or a task-vectors checkpoint folder, evaluate, replay masks,
+inspect masks, show the build, run the op benchmarks."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -10,20 +12,65 @@ import sys
 log = logging.getLogger("calm_fast")
 
 
+_TASK_VECTORS_FLAGS = {"tasks": "tasks", "data": "data", "model": "model", "zeroshot": "zeroshot",
+                       "text_tower": "text_tower", "heads_cache": "heads_cache", "workers": "workers"}
+
+
+def _job(args, *, merging: bool):
+    """The job of a config file, or of --task-vectors ROOT and its flags (paths relative to the cwd)."""
+    from . import config as config_file
+
+    given = [f"--{k.replace('_', '-')}" for k in _TASK_VECTORS_FLAGS if getattr(args, k, None) is not None]
+    if args.config and args.task_vectors:
+        raise ValueError("give a config file or --task-vectors ROOT, not both")
+    if args.config:
+        extra = given + (["--method", "--option"] if merging and (args.method or args.option) else [])
+        if extra:
+            raise ValueError(f"{', '.join(extra)} go with --task-vectors; a config file sets them itself")
+        return config_file.load(args.config)
+    if not args.task_vectors:
+        raise ValueError("give a config file, or --task-vectors ROOT --tasks A,B,... [--data DIR]")
+    block = {"root": args.task_vectors, **{field: getattr(args, flag) for flag, field in _TASK_VECTORS_FLAGS.items()
+                                           if getattr(args, flag, None) is not None}}
+    if getattr(args, "batch_size", None) is not None:
+        block["batch_size"] = args.batch_size
+    method = (args.method or "calm") if merging else "task_arithmetic"
+    raw = {"method": method, "task_vectors": block, "seed": getattr(args, "seed", 0) or 0,
+           "output": (args.output or f"merged-{method}") if merging else "unused",
+           "options": _options(args.option or []) if merging else {}}
+    try:
+        return config_file.parse(raw, os.getcwd())
+    except config_file.ConfigError as exc:  # name the flag, not the config field
+        raise config_file.ConfigError(str(exc).replace("field 'task_vectors.", "--").replace("field 'task_vectors'",
+                                                                                             "--task-vectors")) from None
+
+
+def _options(pairs: list[str]) -> dict:
+    """--option key=value (value read as YAML: 50, 0.3, true, [MNIST, DTD])."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes key=value, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def _merge(args) -> int:
     import calm_fast
 
-    from . import config as config_file
-    from .merge import REPORT_FILE
+    from .merge import REPORT_FILE, progress_bar
 
-    job = config_file.load(args.config)
+    job = _job(args, merging=True)
     if args.device:
         job.device = args.device
     overwrite = job.overwrite or args.overwrite
     if os.path.exists(job.output) and not overwrite and not args.check:  # fail before the work
         raise FileExistsError(f"calm_fast: {job.output} exists; set overwrite: true or pass --overwrite")
-    pretrained, finetuned = job.weights()
-    made = job.build()
+    pretrained, finetuned = job.weights(progress_bar(not args.quiet))
+    made = job.build(progress_bar(not args.quiet))
     if args.check:
         summary = calm_fast.check(pretrained, finetuned, method=job.method, config=job.options,
                                   progress=not args.quiet, **{k: v for k, v in made.items() if k != "forward"})
@@ -39,6 +86,31 @@ def _merge(args) -> int:
     if result.report is not None:
         log.info("order: initial %s, sequential %s; mask density %s", result.report.initial,
                  result.report.sequential, {t: round(d, 5) for t, d in result.report.mask_density.items()})
+    return 0
+
+
+def _evaluate(args) -> int:
+    """Per-task accuracy of each --weights with the layout's heads, as a table or JSON."""
+    job = _job(args, merging=False)
+    if job.clip is None:
+        raise ValueError("evaluate needs a task_vectors job (a config with a task_vectors block, or --task-vectors)")
+    if args.batch_size is not None:
+        job.clip.batch_size = args.batch_size
+    weights = args.weights or ([job.output] if args.config else None)
+    if not weights:
+        raise ValueError("give --weights: zeroshot, finetuned, or a merged folder / checkpoint")
+    results = {}
+    for w in weights:
+        log.info("evaluating %s", w)
+        results[w] = job.clip.evaluate(w, device=args.device or job.device, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        columns = [*job.clip.tasks, "mean"]
+        width = max(len(w) for w in weights)
+        print(f"{'weights':{width}s}  " + "  ".join(f"{c:>9s}" for c in columns))
+        for w, row in results.items():
+            print(f"{w:{width}s}  " + "  ".join(f"{100 * row[c]:9.2f}" for c in columns))
     return 0
 
 
@@ -111,7 +183,9 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
-    from .benchmarks import bench_ops
+    from ._source_tree import import_subpackage
+
+    bench_ops = importlib.import_module(f"{import_subpackage('benchmarks').__name__}.bench_ops")
 
     argv = list(args.bench_args)
     if not any(a == "--out" or a.startswith("--out=") for a in argv):
@@ -127,19 +201,56 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="The config file format is documented in calm_fast/config.py and the README.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("merge", parents=[common],
-                       help="merge the checkpoints a YAML config names; write weights, masks, report",
-                       description="Merge with CALM or a data-free method as CONFIG says. Writes OUTPUT/ "
+    tv = argparse.ArgumentParser(add_help=False)
+    g = tv.add_argument_group("task-vectors checkpoints (instead of a config file)")
+    g.add_argument("--task-vectors", metavar="ROOT",
+                   help="checkpoints/<model> folder: zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt")
+    g.add_argument("--tasks", help="comma-separated task names, e.g. MNIST,EuroSAT,DTD")
+    g.add_argument("--data", metavar="DIR", help="image folders, one per task: DIR/<Task>/[<class>/]*.jpg")
+    g.add_argument("--model", help="open_clip model name (default: ROOT's folder name, e.g. ViT-B-32)")
+    g.add_argument("--zeroshot", metavar="FILE",
+                   help="YAML/JSON: task -> {classes: [...], templates: ['a photo of a {}.']}, for tasks "
+                        "without head_<Task>.pt")
+    g.add_argument("--text-tower", metavar="PATH", help="open_clip checkpoint holding the text tower (zero-shot heads)")
+    g.add_argument("--heads-cache", metavar="DIR", help="where zero-shot heads are cached (safetensors)")
+    g.add_argument("--workers", type=int, help="image decoding threads")
+
+    m = sub.add_parser("merge", parents=[common, tv],
+                       help="merge the checkpoints a YAML config (or --task-vectors ROOT) names; write weights, "
+                            "masks, report",
+                       description="Merge with CALM or a data-free method as CONFIG says, or straight from a "
+                                   "task-vectors checkpoint folder (--task-vectors ROOT --tasks ... --data DIR). "
+                                   "Writes OUTPUT/ "
                                    "(sharded safetensors, masks.safetensors for CALM, report.json) atomically; "
                                    "a CALM run saves each finished step to OUTPUT.progress.safetensors and "
                                    "continues from it when restarted with the same config.")
-    m.add_argument("config", help="YAML config file (format: calm_fast/config.py, README)")
+    m.add_argument("config", nargs="?", help="YAML config file (format: calm_fast/config.py, README)")
+    m.add_argument("--method", help="with --task-vectors: calm (default), task_arithmetic, ties, consensus, average")
+    m.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="with --task-vectors: a CALMConfig / DataFreeConfig field, e.g. updates=50, "
+                        "sequential=[MNIST,DTD] (repeatable)")
+    m.add_argument("--output", help="with --task-vectors: output folder (default merged-<method>)")
+    m.add_argument("--seed", type=int, help="with --task-vectors: random seed (default 0)")
     m.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--check", action="store_true",
                    help="validate the config, checkpoints (every tensor read once: keys, shapes, dtypes, "
                         "NaN/Inf) and CALM's heads/data/model, print a summary; merge and write nothing")
     m.set_defaults(run=_merge)
+
+    e = sub.add_parser("evaluate", parents=[common, tv],
+                       help="per-task accuracy of checkpoints with the task-vectors heads on labeled image folders",
+                       description="Top-1 accuracy per task (and the mean) of each --weights, with the layout's "
+                                   "heads (head_<Task>.pt or zero-shot), on DIR/<Task>/<class>/ image folders. "
+                                   "Class folders map to labels by the zero-shot class names when given, else "
+                                   "by their integer names (0/, 1/, ...), else in sorted order.")
+    e.add_argument("config", nargs="?", help="a merge config with a task_vectors block (default --weights: its output)")
+    e.add_argument("--weights", nargs="+", metavar="W",
+                   help="zeroshot, finetuned (each task's own model), or merged folders / checkpoints to compare")
+    e.add_argument("--batch-size", type=int, help="images per batch (default 128)")
+    e.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(run=_evaluate)
 
     r = sub.add_parser("replay", parents=[common],
                        help="rebuild CALM's merged weights from a mask file, without data",

@@ -15,6 +15,20 @@
     resume: true                 # calm: continue from <output>.progress.safetensors if present
     overwrite: false
 
+The paper's setting replaces pretrained / finetuned / factory with one block (clip_tasks.py):
+
+    task_vectors:
+      root: checkpoints/ViT-B-32 # zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt
+      tasks: [MNIST, EuroSAT]
+      data: images/              # <data>/<Task>/ image folders (CALM and evaluation)
+      model: ViT-B-32            # open_clip model name; default: the root folder's name
+      zeroshot: prompts.yaml     # or task -> {classes: [...], templates: [...]}: heads for tasks
+                                 # without head_<Task>.pt
+      text_tower: clip.bin       # open_clip checkpoint with the text tower (zero-shot heads)
+      heads_cache: heads/        # zero-shot heads, as safetensors (default ~/.cache/calm_fast/heads)
+      workers: 4                 # image decoding threads
+      batch_size: 128            # evaluation batch size
+
 Relative paths (checkpoints, factory file, output) are relative to the config file's folder.
 Every error names the field and what it accepts.
 """
@@ -36,7 +50,9 @@ from .merge import METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIELDS = ("method", "pretrained", "finetuned", "options", "factory", "factory_args", "output", "device",
-          "seed", "shard_size", "resume", "overwrite")
+          "seed", "shard_size", "resume", "overwrite", "task_vectors")
+TASK_VECTORS_FIELDS = ("root", "tasks", "data", "model", "zeroshot", "text_tower", "heads_cache", "workers",
+                       "batch_size")
 
 
 class ConfigError(ValueError):
@@ -58,21 +74,26 @@ class MergeJob:
     resume: bool = True
     overwrite: bool = False
     folder: str = "."
+    clip: object | None = None  # clip_tasks.CLIPTasks: the task_vectors block
 
     @property
     def progress_file(self) -> str | None:
         return f"{self.output.rstrip(os.sep)}.progress.safetensors" if self.method == "calm" and self.resume else None
 
-    def weights(self):
+    def weights(self, progress=None):
         """(pretrained, finetuned) as merge() takes them: paths stay paths (read lazily)."""
+        if self.clip is not None:
+            return self.clip.weights(progress)
         pretrained = self.pretrained
         if isinstance(pretrained, OpenClipSource):
             pretrained = pretrained.load("pretrained")
         return pretrained, {task: src.weights(f"task {task!r}") if isinstance(src, OpenClipSource) else src
                             for task, src in self.finetuned.items()}
 
-    def build(self) -> dict:
-        """heads / data / model / forward from the factory (CALM)."""
+    def build(self, progress=None) -> dict:
+        """heads / data / model / forward from the factory, or from the task_vectors block (CALM)."""
+        if self.clip is not None:
+            return self.clip.calm_inputs(self.device, progress) if self.method == "calm" else {}
         if self.factory is None:
             return {}
         made = load_factory(self.factory, self.folder)(**self.factory_args)
@@ -182,12 +203,22 @@ def parse(raw: dict, folder: str = ".") -> MergeJob:
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown}; allowed: {list(FIELDS)}")
+    clip = None
+    if "task_vectors" in raw:
+        clash = sorted(set(raw) & {"pretrained", "finetuned", "factory", "factory_args"})
+        if clash:
+            raise ConfigError(f"field 'task_vectors' replaces {clash}: give one or the other")
+        clip = _task_vectors(folder, raw["task_vectors"])
+        raw = {**raw, "pretrained": clip.layout.zeroshot,
+               "finetuned": {t: clip.layout.finetuned(t) for t in clip.tasks}}
     for name in ("pretrained", "finetuned", "output"):
         if name not in raw:
             raise ConfigError(f"field {name!r} is required")
     method = raw.get("method", "calm")
     if method not in METHODS:
         _fail("method", f"one of {list(METHODS)}", method)
+    if clip is not None and method == "calm" and clip.data is None:
+        raise ConfigError("field 'task_vectors.data' is required for method 'calm' (the unlabeled images per task)")
     finetuned = raw["finetuned"]
     if not isinstance(finetuned, dict) or not finetuned:
         _fail("finetuned", "a non-empty mapping of task name -> checkpoint", finetuned)
@@ -207,7 +238,7 @@ def parse(raw: dict, folder: str = ".") -> MergeJob:
         if not isinstance(flags[name], bool):
             _fail(name, "true or false", flags[name])
     factory, factory_args = raw.get("factory"), raw.get("factory_args", {})
-    if method == "calm" and factory is None:
+    if method == "calm" and factory is None and clip is None:
         raise ConfigError("field 'factory' is required for method 'calm' (heads and unlabeled data come "
                           "from it: 'file.py:function' or 'package.module:function')")
     if factory is not None and (not isinstance(factory, str) or ":" not in factory):
@@ -220,7 +251,61 @@ def parse(raw: dict, folder: str = ".") -> MergeJob:
         finetuned={str(t): _source(folder, v, f"finetuned.{t}") for t, v in finetuned.items()},
         options=_options(method, raw.get("options"), tasks), output=_path(folder, raw["output"], "output"),
         factory=factory, factory_args=factory_args, device=None if device == "auto" else device,
-        seed=seed, shard_size=shard_size, folder=folder, **flags)
+        seed=seed, shard_size=shard_size, folder=folder, clip=clip, **flags)
+
+
+def _task_vectors(folder: str, value):
+    """The task_vectors block as a CLIPTasks (its checkpoint and image folders checked to exist)."""
+    from .clip_tasks import CLIPTasks
+
+    if not isinstance(value, dict):
+        _fail("task_vectors", "a mapping with root, tasks, data, ...", value)
+    unknown = sorted(set(value) - set(TASK_VECTORS_FIELDS))
+    if unknown:
+        raise ConfigError(f"field 'task_vectors': unknown field(s) {unknown}; allowed: {list(TASK_VECTORS_FIELDS)}")
+    if "root" not in value:
+        raise ConfigError("field 'task_vectors.root' is required (the checkpoints/<model> folder)")
+    tasks = value.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        _fail("task_vectors.tasks", "a non-empty list of task names", value.get("tasks"))
+    paths = {name: _path(folder, value[name], f"task_vectors.{name}") if value.get(name) is not None else None
+             for name in ("root", "data", "text_tower", "heads_cache")}
+    zeroshot = value.get("zeroshot")
+    if isinstance(zeroshot, str):
+        zeroshot = _read_mapping(_path(folder, zeroshot, "task_vectors.zeroshot"), "task_vectors.zeroshot")
+    if zeroshot is not None and not isinstance(zeroshot, dict):
+        _fail("task_vectors.zeroshot", "a file or a mapping of task -> {classes: [...], templates: [...]}", zeroshot)
+    for name in ("workers", "batch_size"):
+        given = value.get(name)
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+            _fail(f"task_vectors.{name}", "a positive integer", given)
+    model = value.get("model")
+    if model is not None and not isinstance(model, str):
+        _fail("task_vectors.model", "an open_clip model name such as ViT-B-32", model)
+    try:
+        return CLIPTasks(paths["root"], tasks, paths["data"], model=model, zeroshot=zeroshot,
+                         text_tower=paths["text_tower"], heads_cache=paths["heads_cache"],
+                         workers=value.get("workers"), batch_size=value.get("batch_size") or 128)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"field 'task_vectors': {exc}") from exc
+
+
+def _read_mapping(path: str, name: str) -> dict:
+    """A YAML (or JSON) file holding a mapping."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise ConfigError(f"field {name!r}: no file {path}")
+    with open(path) as f:
+        try:
+            value = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"field {name!r}: {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"field {name!r}: {path} must hold a mapping of task -> {{classes, templates}}")
+    return value
 
 
 def load(path: str) -> MergeJob:

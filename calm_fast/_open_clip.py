@@ -1,0 +1,31 @@
+"""open_clip (and torchvision), imported the one way that works on every machine of this project.
+
+Beside a CPU torch, the torchvision wheel may be a CUDA build whose compiled ops do not load, and
+then `import open_clip` fails inside torchvision. benchmarks/open_clip_compat.py holds the
+workaround (define the two op schemas torchvision's import needs); it is shipped as
+calm_fast.benchmarks, so the library reuses it instead of keeping a second copy.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+def import_open_clip():
+    """The open_clip module; ImportError with the reason when it cannot be imported."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    from ._source_tree import import_subpackage
+
+    try:
+        compat = importlib.import_module(f"{import_subpackage('benchmarks').__name__}.open_clip_compat")
+    except ModuleNotFoundError:  # an installation without the benchmarks: plain import
+        compat = None
+    try:
+        if compat is not None:
+            return compat.import_open_clip()
+        import open_clip
+
+        return open_clip
+    except Exception as exc:  # ImportError, or torchvision's compiled ops failing to register on import
+        raise ImportError(f"calm_fast: CLIP checkpoints need open_clip_torch importable ({exc})") from exc
