@@ -76,6 +76,8 @@ def _merge(args) -> int:
                                   progress=not args.quiet, **{k: v for k, v in made.items() if k != "forward"})
         print(json.dumps({**summary, "output": job.output}, indent=2))
         return 0
+    if _launched_by_torchrun():
+        return _merge_distributed(job, pretrained, finetuned, overwrite)
     log.info("merging %d task(s) with %s into %s", len(finetuned), job.method, job.output)
     result = calm_fast.merge(pretrained, finetuned, method=job.method, config=job.options, device=job.device,
                              seed=job.seed, progress=not args.quiet, progress_file=job.progress_file, **made)
@@ -86,6 +88,39 @@ def _merge(args) -> int:
     if result.report is not None:
         log.info("order: initial %s, sequential %s; mask density %s", result.report.initial,
                  result.report.sequential, {t: round(d, 5) for t, d in result.report.mask_density.items()})
+    return 0
+
+
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _merge_distributed(job, pretrained, finetuned, overwrite) -> int:
+    """Under `torchrun --nproc-per-node N`: a data-free merge split by keys over the N ranks, each
+    writing its shards (calm_fast.distributed). Collectives time out after
+    $CALM_FAST_DIST_TIMEOUT seconds (default 300), so a lost rank is an error, not a hang."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from . import distributed
+
+    if job.method == "calm":
+        raise ValueError("calm_fast: CALM does not run across processes yet; run it in one process "
+                         "(the data-free methods run under torchrun)")
+    device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # one GPU per rank unless the config names one
+        device = device if device.index is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("CALM_FAST_DIST_TIMEOUT", "300")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    try:
+        distributed.merge_data_free(pretrained, finetuned, job.method, job.options, job.output, seed=job.seed,
+                                    device=device, max_shard_bytes=job.shard_size, overwrite=overwrite)
+        log.info("rank %d of %d: wrote its shards of %s", dist.get_rank(), dist.get_world_size(), job.output)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

@@ -225,3 +225,33 @@ def test_info_reports_the_build_in_use(cli):
                          timeout=120, env={**os.environ, "CALM_FAST_CPU_ISA": "default"})
     forced = json.loads(run.stdout)
     assert forced["cpu_isa"] == ("default" if _extension.NATIVE else None), run.stderr
+
+
+def _torchrun(path, tmp_path):
+    """`calm-fast merge` under `torchrun --nproc-per-node 2` (gloo, a free port through --standalone, 1 thread a rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CALM_FAST_DIST_TIMEOUT": "60"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "calm_fast.cli", "merge", str(path), "-q"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("method, options", [("ties", {"density": 0.3}), ("consensus", {"min_votes": 2})])
+def test_data_free_merge_under_torchrun_equals_one_process(toy, tmp_path, method, options):
+    """Two ranks, each writing the shards of its keys: the same tensors as one process writes."""
+    folder, tasks = toy
+    path = _config(toy, tmp_path, method=method, options=options, factory=None, factory_args=None,
+                   shard_size="8KB")
+    run = _torchrun(path, tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    expected = calm_fast.merge(str(folder / "pretrained.safetensors"),
+                               {t: str(folder / f"{t}.safetensors") for t in tasks}, method=method,
+                               config=calm_fast.DataFreeConfig(**options), device="cpu", progress=False)
+    written = read_checkpoint(str(tmp_path / "out" / "merged"))
+    assert sorted(written.keys()) == sorted(expected.state_dict)
+    assert all(torch.equal(written[k], v) for k, v in expected.state_dict.items())
+
+
+def test_calm_under_torchrun_says_it_runs_in_one_process(toy, tmp_path):
+    run = _torchrun(_config(toy, tmp_path), tmp_path)
+    assert run.returncode != 0 and "CALM does not run across processes yet" in run.stdout + run.stderr
+    assert not (tmp_path / "out").exists()
