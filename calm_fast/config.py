@@ -292,17 +292,22 @@ def _task_vectors(folder: str, value):
         raise ConfigError(f"field 'task_vectors': {exc}") from exc
 
 
-def _read_mapping(path: str, name: str) -> dict:
-    """A YAML (or JSON) file holding a mapping."""
+def _read_yaml(path: str, prefix: str = ""):
+    """A YAML (or JSON) file's content; a parse error names the file."""
     import yaml
 
-    if not os.path.exists(path):
-        raise ConfigError(f"field {name!r}: no file {path}")
     with open(path) as f:
         try:
-            value = yaml.safe_load(f)
+            return yaml.safe_load(f)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"field {name!r}: {path} is not valid YAML/JSON: {exc}") from exc
+            raise ConfigError(f"{prefix}{path} is not valid YAML: {exc}") from exc
+
+
+def _read_mapping(path: str, name: str) -> dict:
+    """A YAML (or JSON) file holding a mapping."""
+    if not os.path.exists(path):
+        raise ConfigError(f"field {name!r}: no file {path}")
+    value = _read_yaml(path, f"field {name!r}: ")
     if not isinstance(value, dict):
         raise ConfigError(f"field {name!r}: {path} must hold a mapping of task -> {{classes, templates}}")
     return value
@@ -310,15 +315,9 @@ def _read_mapping(path: str, name: str) -> dict:
 
 def load(path: str) -> MergeJob:
     """Parse and validate a YAML config file."""
-    import yaml
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"calm_fast: no config file at {path}")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    raw = _read_yaml(path)
     try:
         return parse(raw, os.path.dirname(os.path.abspath(path)))
     except ConfigError as exc:

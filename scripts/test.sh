@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # From a fresh clone: install pinned dependencies, build calm_fast, run every test.
 #  1. .venv (CPU torch): editable build of the C++ kernels, CMake build of the same sources,
-#     then the whole test suite (C++ kernels, Triton kernels under TRITON_INTERPRET=1).
+#     then the whole test suite (C++ kernels, Triton kernels under TRITON_INTERPRET=1), then the
+#     tests of tensors over 2**31 elements when 16 GiB of memory is available.
 #  2. .venv-cuda (torch 2.14.1+cu130) and .venv-cuda-min (torch 2.11.0+cu130), when nvcc is
 #     present: builds and links the CUDA kernels for sm_90 against each and checks each op has a
 #     CUDA kernel registered. GPU runtime tests run only on a GPU.
@@ -49,4 +50,14 @@ fi
 
 step "test suite"
 .venv/bin/pytest -q tests "$@"
+
+# Tensors over 2**31 elements (CPU kernels): ~13 GiB peak, so only with 16 GiB available. Huge
+# pages for torch's large CPU tensors (THP_MEM_ALLOC_ENABLE): ~0.1 M page faults instead of ~8 M.
+step "large tensors (> 2^31 elements)"
+mem_available_kib=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+if [ "${mem_available_kib:-0}" -ge $((16 * 1024 * 1024)) ]; then
+  THP_MEM_ALLOC_ENABLE=1 .venv/bin/pytest -q --large -m large tests/test_large_tensors.py
+else
+  echo "MemAvailable is $((${mem_available_kib:-0} / 1024)) MiB, under 16 GiB: large-tensor tests skipped"
+fi
 step "done"
