@@ -20,7 +20,8 @@ def _inputs(batch):
 
 
 def collect_pool(data, task: str):
-    """All inputs of a task as one tensor (or dict of tensors), rows = examples."""
+    """All inputs of a task as one tensor (or dict of tensors), rows = examples; only batches from
+    an iterable are concatenated (read, never written: the pool is indexed into batches)."""
     if isinstance(data, (torch.Tensor, Mapping)):
         batches = [data]
     elif isinstance(data, Iterable):
@@ -30,6 +31,8 @@ def collect_pool(data, task: str):
                         f"iterable of batches, got {type(data).__name__}")
     if not batches or pool_size(batches[0]) == 0:
         raise ValueError(f"calm_fast: task {task!r} has no data")
+    if len(batches) == 1:  # the caller's tensors as they are: a copy would hold the pool twice
+        return dict(batches[0]) if isinstance(batches[0], Mapping) else batches[0]
     if isinstance(batches[0], Mapping):
         return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     return torch.cat(batches)

@@ -287,3 +287,14 @@ def test_calm_on_a_tiny_vit_with_dict_batches_and_a_forward_hook():
     assert result.report.pool_sizes == {t: 192 for t in ft}
     assert 0 < min(result.report.mask_density.values()) and max(result.report.mask_density.values()) < 1
     assert agree(result.state_dict) > agree(ta.state_dict) + 0.05
+
+
+def test_a_tensor_pool_is_used_as_given_not_copied(gen):
+    """The pool of a task given as one tensor (or dict of tensors) is the caller's memory: CALM
+    holds no second copy of the unlabeled data; batches from an iterable are concatenated once."""
+    x = torch.randn(10, 3, generator=gen)
+    assert sampling.collect_pool(x, "t") is x
+    pool = sampling.collect_pool({"pixels": x}, "t")
+    assert pool["pixels"] is x
+    batches = sampling.collect_pool([(x[:4], None), (x[4:], None)], "t")
+    assert torch.equal(batches, x) and batches.data_ptr() != x.data_ptr()
