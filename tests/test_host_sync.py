@@ -178,12 +178,16 @@ def _on_cuda(xs):
     return [x.to("cuda") for x in xs]
 
 
+def _cuda_case(backend_cuda, case, gen):
+    """(backend, op, exact comparison, fresh inputs on the GPU) of a case."""
+    make, op, exact = CASES[case]
+    return backend_cuda[0], op, exact, _on_cuda(make(gen))
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_cuda", CUDA_BACKENDS)
 def test_op_runs_without_sync_cuda(backend_cuda, case, gen):
-    backend, _ = backend_cuda
-    make, op, _ = CASES[case]
-    xs = _on_cuda(make(gen))
+    backend, op, _, xs = _cuda_case(backend_cuda, case, gen)
     op(xs, backend)  # warm-up: compiles the Triton kernels, caches the device tables
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
@@ -198,9 +202,8 @@ def test_op_runs_without_sync_cuda(backend_cuda, case, gen):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_cuda", CUDA_BACKENDS)
 def test_op_replays_from_cuda_graph_cuda(backend_cuda, case, gen):
-    backend, _ = backend_cuda
-    make, op, exact = CASES[case]
-    static = _on_cuda(make(gen))
+    backend, op, exact, static = _cuda_case(backend_cuda, case, gen)
+    make = CASES[case][0]
     side = torch.cuda.Stream()  # warm up off the default stream before capturing (torch's docs)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
