@@ -31,6 +31,7 @@ es = element size of the op's tensors; N = elements):
   magnitude_threshold  read every |x| once: N*es (radix passes that re-read are the kernel's cost)
   entropy_argmax  read B*C logits, write B fp32 entropies + B int64 indices: B*C*es + 12*B
   pack_mask       read N mask values, write ceil(N/8) bytes: N*es_in + ceil(N/8)
+  unpack_mask     read ceil(N/8) bytes, write N bools: ceil(N/8) + N
 Copy bandwidth: CPU dst.copy_(src) of 256 MiB fp32; GPU device-to-device copy of 1 GiB; counted as
 bytes read + bytes written, measured at the start and at the end of the run; the larger is used.
 
@@ -73,12 +74,11 @@ except ImportError:  # not installed: use the checkout (falls back to the refere
     sys.path.insert(0, str(ROOT))
     import calm_fast  # noqa: E402,F401
 from machine import command_output, cpu_model  # noqa: E402  (benchmarks/machine.py)
-from calm_fast import _extension, ops as cf_ops, reference  # noqa: E402
+from calm_fast import _extension, _meta, ops as cf_ops, reference  # noqa: E402
 
 MiB = 1 << 20
 LOADAVG: list[float] = []  # 1-minute load average at the start and at the end of the run
-OPS = ("mask_step_", "mask_grad_sumsq", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
-       "pack_mask")
+OPS = _meta.OPS
 VARIANTS = ("eager", "compile", "native", "triton")
 VIT_L14_VISUAL = 303_966_208  # CLIP ViT-L/14 visual tower parameters
 
@@ -220,6 +220,12 @@ def build_cases(args, device) -> list[Case]:
                     "pack_mask", "bool" if dt == torch.bool else "fp32", str(dt).split(".")[-1], n,
                     f"({human(n)},)", n * _es(dt) + (n + 7) // 8, make,
                     lambda f, i: f(i["M"]), lambda i, r: [r], tol=dict(rtol=0, atol=0)))
+        if "unpack_mask" in args.ops:
+            def make(gen, n=n):
+                return dict(P=reference.pack_mask(_randn(n, gen, dev)), n=n)
+            cases.append(Case(
+                "unpack_mask", "bool", "uint8", n, f"({human((n + 7) // 8)},) bytes", (n + 7) // 8 + n, make,
+                lambda f, i: f(i["P"], i["n"]), lambda i, r: [r], tol=dict(rtol=0, atol=0)))
     if "consensus_merge" in args.ops:
         for n in args.consensus_sizes:
             for method in ("sum", "ties", "consensus"):

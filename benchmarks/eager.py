@@ -124,6 +124,3 @@ def pack_mask(mask):
     bit_weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
     return (bits.view(-1, 8) * bit_weights).sum(dim=1, dtype=torch.uint8)
 
-
-OPS = ("mask_step_", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
-       "pack_mask")

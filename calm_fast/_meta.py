@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# Every op of torch.ops.calm_fast, in the README's order: the one list that the op dispatch, the
+# backends, the benchmarks and the tests are checked against (tests/test_torch_integration.py).
+OPS = ("mask_step_", "mask_grad_sumsq", "masked_apply_", "consensus_merge", "magnitude_threshold", "entropy_argmax",
+       "pack_mask", "unpack_mask")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_STEP_REGS = ("polarize", "l1", "none")
 MASK_MODES = ("soft", "hard", "packed")
