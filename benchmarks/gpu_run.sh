@@ -15,8 +15,9 @@
 # The run fails loudly: no GPU, no CUDA build, or a backend that falls back is an error, and the
 # tests run with CALM_FAST_REQUIRE_GPU=1 (a skipped CUDA test fails). Each phase has a time cap
 # and the whole call a budget (RUN_BUDGET_S), so a slow phase shortens the later ones instead of
-# losing the call. Everything lands in $OUT as it goes: run.log (live), summary.md (per phase) and
-# results.tar (logs, JSON, markdown; refreshed every 20 s), 3 files of the 8 a call returns.
+# losing the call. Everything lands in $OUT as it goes: summary.md (per phase) and results.tar (each
+# phase's log, JSON, markdown; refreshed every 20 s), 2 files of the 8 a call returns; the phases'
+# output is also printed, so the reply's tail shows it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE="${1:?usage: gpu_run.sh prepare|run|quality|setup|preflight|stage-prebuilt|pack|unpack}"
