@@ -72,6 +72,13 @@ def _modules():
     return modules, BuildExt, build_base
 
 
+def _packages_below(name: str, folder: str) -> list[str]:
+    """calm_fast.<name> and the packages in its folder (benchmarks: harness, ops, e2e, ...)."""
+    root = ROOT / folder
+    return [".".join(("calm_fast", name, *init.parent.relative_to(root).parts))
+            for init in sorted(root.rglob("__init__.py"))]
+
+
 modules, build_ext, build_base = _modules()
 setup(
     ext_modules=modules,
@@ -80,5 +87,6 @@ setup(
     # sub-packages kept outside calm_fast/ (the Triton kernels; the benchmarks, which `calm-fast
     # bench` runs): one table, which a source tree without an install reads too
     package_dir={"calm_fast": "calm_fast", **{f"calm_fast.{name}": folder for name, folder in SUBPACKAGES.items()}},
-    packages=["calm_fast", "calm_fast.distributed", *(f"calm_fast.{name}" for name in SUBPACKAGES)],
+    packages=["calm_fast", "calm_fast.calm", "calm_fast.distributed", "calm_fast.methods",
+              *(package for name, folder in SUBPACKAGES.items() for package in _packages_below(name, folder))],
 )

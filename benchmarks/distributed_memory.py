@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Peak host memory and time per rank of a distributed data-free merge (calm_fast.distributed,
 gloo on CPU) against one process (calm_fast.merge(...).save()), on the same checkpoints.
 
-    python benchmarks/distributed_memory.py [--tasks 4] [--model-mb 64] [--world 2]
+    python -m benchmarks.distributed_memory [--tasks 4] [--model-mb 64] [--world 2]
                                             [--methods task_arithmetic ties consensus] [--out DIR]
 
 The claim under test (calm_fast/distributed/data_free.py): each rank reads only its keys and
@@ -17,18 +16,16 @@ Output: benchmarks/results/distributed_memory_cpu.{json,md} (or --out DIR).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from stream_memory import MB, Sampler, make_checkpoints, read_status, reset_peak, trim_heap, write_atomic  # noqa: E402
+from . import harness
+from .harness import MemoryWindow
+from .stream_memory import MB, RESULTS, make_checkpoints
 
 
 def child(args) -> None:
@@ -53,18 +50,12 @@ def child(args) -> None:
         run = lambda pre, ft, out: calm_fast.merge(pre, ft, method=args.method, device="cpu",  # noqa: E731
                                                    progress=False).save(out)
     run(tiny, tiny_tasks, os.path.join(args.scratch, "warm"))
-    trim_heap()
-    base = read_status()
-    reset_peak()
-    sampler = Sampler()
-    sampler.start()
-    start = time.perf_counter()
-    run(spec["pretrained"], spec["task_paths"], args.output)
-    seconds = time.perf_counter() - start
-    sampler.stop()
-    peak = read_status()
-    print(json.dumps({"rank": rank, "seconds": seconds, "peak_above_baseline": peak["VmHWM"] - base["VmRSS"],
-                      "anon_above_baseline": sampler.peak_anon - base["RssAnon"]}))
+    with MemoryWindow("cpu", sample="always") as window:
+        start = time.perf_counter()
+        run(spec["pretrained"], spec["task_paths"], args.output)
+        seconds = time.perf_counter() - start
+    harness.emit({"rank": rank, "seconds": seconds, "peak_above_baseline": window.end["VmHWM"] - window.baseline["VmRSS"],
+                  "anon_above_baseline": window.peak_anon_above_baseline})
     if args.world:
         dist.destroy_process_group()
 
@@ -74,20 +65,12 @@ def run_case(spec_path: Path, scratch: Path, method: str, world: int) -> list[di
     tag = f"{method}-{world or 'single'}"
     warm = scratch / f"{tag}-warm"  # the warm-up merge's output, one for all ranks
     warm.mkdir()
-    procs = []
-    for rank in range(max(world, 1)):
-        command = [sys.executable, __file__, "--child", "--spec", str(spec_path), "--method", method,
-                   "--world", str(world), "--store", str(scratch / f"{tag}.store"), "--scratch", str(warm),
-                   "--output", str(scratch / tag)]
-        procs.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank)},
-                                      stdout=subprocess.PIPE, text=True))
-    reports = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=1800)
-        if proc.returncode:
-            raise RuntimeError(f"{tag} exited {proc.returncode}")
-        reports.append(json.loads(out.strip().splitlines()[-1]))
-    return reports
+    procs = [harness.start_fresh(__spec__.name, ["--child", "--spec", str(spec_path), "--method", method,
+                                                 "--world", str(world), "--store", str(scratch / f"{tag}.store"),
+                                                 "--scratch", str(warm), "--output", str(scratch / tag)],
+                                 env={"OMP_NUM_THREADS": "1", "RANK": str(rank)})
+             for rank in range(max(world, 1))]
+    return [harness.finish(proc, tag, timeout=1800) for proc in procs]
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -124,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-mb", type=float, default=64)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "consensus"])
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--spec", "--method", "--store", "--scratch", "--output"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -132,8 +115,6 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    from machine import cpu_model
-
     with tempfile.TemporaryDirectory(prefix="distributed_memory_") as tmp:
         scratch = Path(tmp)
         info = make_checkpoints(scratch / "checkpoints", args.tasks, args.model_mb)
@@ -150,12 +131,9 @@ def main(argv=None) -> int:
             print(f"{method}: single {single['peak_above_baseline'] / MB:.0f} MB, ranks "
                   f"{[round(r['peak_above_baseline'] / MB) for r in ranks]} MB, identical {same}", flush=True)
     payload = {"workload": {"tasks": args.tasks, **{k: info[k] for k in ("model_bytes", "largest_param_bytes")}},
-               "world": args.world, "rows": rows, "machine": f"{cpu_model()} ({os.cpu_count()} CPUs)",
-               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join(["python", "benchmarks/distributed_memory.py", *(argv or sys.argv[1:])])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "distributed_memory_cpu.json", json.dumps(payload, indent=2))
-    write_atomic(args.out / "distributed_memory_cpu.md", markdown(payload))
+               "world": args.world, "rows": rows, "machine": f"{harness.cpu_model()} ({os.cpu_count()} CPUs)",
+               "date": harness.utc_now(), "command": harness.command_line(__spec__.name, argv or sys.argv[1:])}
+    harness.write_results(args.out, "distributed_memory_cpu", payload, markdown(payload))
     return 0 if all(row["identical"] in (True, "-") for row in rows) else 1
 
 

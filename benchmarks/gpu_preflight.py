@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """The GPU run's preflight (benchmarks/gpu_run.sh): seconds of checks that stop the run, loudly,
 before it spends lent minutes on a setup that cannot measure what it is for.
 
-    python benchmarks/gpu_preflight.py [--device cuda|cpu]
+    python -m benchmarks.gpu_preflight [--device cuda|cpu]
 
 Fails (exit 1, one line per problem) when: no device of that type is visible; the native
 extension did not load or, for CUDA, has no CUDA kernels; the Triton kernels do not import from

@@ -31,7 +31,8 @@ RUN_BUDGET_S="${RUN_BUDGET_S:-540}"
 QUALITY_FIRST_PART="${QUALITY_FIRST_PART:-$((45 << 20))}"  # bytes of the quality pack in the run call
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
-# calm_fast is not installed there: scripts under benchmarks/ import it from this tree's root
+# calm_fast is not installed there: the benchmarks (python -m benchmarks.<name>) import it from this
+# tree's root
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Wheels the GPU image lacks, at the benchmark pins (the image has timm, huggingface_hub, regex).
@@ -135,7 +136,7 @@ setup() {  # carried wheels; the prebuilt extension if it fits this Python/torch
 }
 
 preflight() {  # fail loudly before spending minutes: GPU, CUDA build, Triton from the tree, no fallback
-  $PY benchmarks/gpu_preflight.py "$@"
+  $PY -m benchmarks.gpu_preflight "$@"
 }
 
 collect() {  # everything in $WORK -> $OUT/results.tar, atomically (a cut-short call keeps the last)
@@ -178,19 +179,19 @@ run() {
   rc=$?
   record setup $rc "$t0"
   [ $rc -eq 0 ] || { cat "$OUT/summary.md"; return 1; }
-  phase preflight 60 $PY benchmarks/gpu_preflight.py --device cuda || { cat "$OUT/summary.md"; return 1; }
+  phase preflight 60 $PY -m benchmarks.gpu_preflight --device cuda || { cat "$OUT/summary.md"; return 1; }
   export CALM_FAST_REQUIRE_GPU=1
   # every CUDA row of the suite: each op x backend x dtype, graphs, streams, views, merge on CUDA
   phase tests 140 $PY -m pytest -q -p no:cacheprovider -n 8 -k cuda -m "not large" --junitxml="$WORK/tests.xml" tests || failed=1
   # tensors over 2^31 elements, one at a time (each holds ~10 GiB)
   phase large 60 $PY -m pytest -q -p no:cacheprovider -m large --large -k cuda tests/test_large_tensors.py || failed=1
   # eager / native / Triton for every op at 256 M elements; torch.compile for two ops only
-  phase ops 130 $PY benchmarks/bench_ops.py --device cuda --variants eager native triton --strict \
+  phase ops 130 $PY -m benchmarks.ops --device cuda --variants eager native triton --strict \
     --out "$WORK/ops" || failed=1
-  phase ops_compile 60 $PY benchmarks/bench_ops.py --device cuda --variants eager compile \
+  phase ops_compile 60 $PY -m benchmarks.ops --device cuda --variants eager compile \
     --ops mask_step_ masked_apply_ --out "$WORK/ops_compile" || failed=1
   # ViT-L-14 (a)/(b)/(c), 2 updates per sequential step (the full schedule is projected)
-  phase e2e_vit_l 120 $PY benchmarks/e2e_calm.py --config vit-l --updates 2 --tf32 --out "$WORK/e2e" || failed=1
+  phase e2e_vit_l 120 $PY -m benchmarks.e2e --config vit-l --updates 2 --tf32 --out "$WORK/e2e" || failed=1
   echo; cat "$OUT/summary.md"; echo "run: ${SECONDS}s"
   return $failed
 }

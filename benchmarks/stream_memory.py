@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Peak host memory of a data-free merge of T models read lazily from safetensors checkpoints.
 
-    python benchmarks/stream_memory.py [--tasks 8] [--model-mb 256]
+    python -m benchmarks.stream_memory [--tasks 8] [--model-mb 256]
                                        [--methods task_arithmetic ties consensus]
                                        [--loaders lazy load_file copy] [--workdir DIR] [--out DIR] [--quick]
 
@@ -51,86 +50,21 @@ with the CPU model, torch / safetensors / calm_fast versions, the command line a
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime as _dt
-import gc
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from . import harness
+from .harness import MemoryWindow
+
+RESULTS = Path(__file__).resolve().parent / "results"
 MB = 2**20
-STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 LOADERS = ("lazy", "load_file", "copy")
 DEFAULT_METHODS = ("task_arithmetic", "ties", "consensus")
-
-
-# ---- /proc/self/status ----------------------------------------------------------------------------
-def read_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in STATUS_FIELDS:
-                out[name] = int(value.split()[0]) * 1024  # kB
-    return out
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def trim_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class Sampler(threading.Thread):
-    """Polls /proc/self/status; keeps the peak RssAnon (with RssFile at that moment), the peak
-    RssFile and the peak VmRSS."""
-
-    def __init__(self, interval: float = 0.001):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.stop_event = threading.Event()
-        self.samples = 0
-        self.peak_anon = self.file_at_peak_anon = self.peak_file = self.peak_rss = 0
-
-    def sample(self) -> None:
-        s = read_status()
-        self.samples += 1
-        if s["RssAnon"] > self.peak_anon:
-            self.peak_anon, self.file_at_peak_anon = s["RssAnon"], s["RssFile"]
-        self.peak_file = max(self.peak_file, s["RssFile"])
-        self.peak_rss = max(self.peak_rss, s["VmRSS"])
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join()
-        self.sample()
 
 
 # ---- the synthetic checkpoints --------------------------------------------------------------------
@@ -184,9 +118,23 @@ def make_checkpoints(workdir: Path, tasks: int, model_mb: float, seed: int = 0) 
 
 
 # ---- one measurement, in a fresh process --------------------------------------------------------
-def child(args) -> None:
-    import torch
+def load(spec: dict, loader: str):
+    """The pretrained and fine-tuned weights as the loader gives them to calm_fast.merge."""
     from safetensors.torch import load_file
+
+    if loader == "lazy":
+        return spec["pretrained"], dict(spec["task_paths"])
+    if loader == "load_file":
+        return load_file(spec["pretrained"]), {t: load_file(p) for t, p in spec["task_paths"].items()}
+    if loader == "copy":
+        return ({k: v.clone() for k, v in load_file(spec["pretrained"]).items()},
+                {t: {k: v.clone() for k, v in load_file(p).items()} for t, p in spec["task_paths"].items()})
+    raise ValueError(loader)
+
+
+def child(args) -> dict:
+    """One (method, loader): warm up, then load + merge + save inside a memory window."""
+    import torch
 
     import calm_fast
 
@@ -199,54 +147,33 @@ def child(args) -> None:
         tiny_tasks = {f"t{i}": {k: v + 0.01 * torch.randn_like(v) for k, v in tiny.items()} for i in range(3)}
         calm_fast.merge(tiny, tiny_tasks, method=method, device="cpu", progress=False).save(scratch / "warm")
         del tiny, tiny_tasks
-        trim_heap()
-        baseline = read_status()
-        reset_ok = reset_peak()
-        sampler = Sampler(args.interval)
-        sampler.start()
-
-        t0 = time.perf_counter()
-        if loader == "lazy":
-            pretrained, finetuned = spec["pretrained"], dict(spec["task_paths"])
-        elif loader == "load_file":
-            pretrained = load_file(spec["pretrained"])
-            finetuned = {t: load_file(p) for t, p in spec["task_paths"].items()}
-        elif loader == "copy":
-            pretrained = {k: v.clone() for k, v in load_file(spec["pretrained"]).items()}
-            finetuned = {t: {k: v.clone() for k, v in load_file(p).items()} for t, p in spec["task_paths"].items()}
-        else:
-            raise ValueError(loader)
-        t_load = time.perf_counter() - t0
-        result = calm_fast.merge(pretrained, finetuned, method=method, device="cpu", progress=False)
-        t_merge = time.perf_counter() - t0 - t_load
-        result.save(scratch / "merged")
-        t_total = time.perf_counter() - t0
-        sampler.stop()
-        end = read_status()
+        with MemoryWindow("cpu", sample="always", interval=args.interval) as window:
+            t0 = time.perf_counter()
+            pretrained, finetuned = load(spec, loader)
+            t_load = time.perf_counter() - t0
+            result = calm_fast.merge(pretrained, finetuned, method=method, device="cpu", progress=False)
+            t_merge = time.perf_counter() - t0 - t_load
+            result.save(scratch / "merged")
+            t_total = time.perf_counter() - t0
         saved = sum(f.stat().st_size for f in (scratch / "merged").glob("*.safetensors"))
         del pretrained, finetuned
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print("RESULT " + json.dumps({
-        "method": method, "loader": loader, "hwm_reset": reset_ok,
-        "baseline": baseline, "end": end, "vm_hwm": end["VmHWM"],
-        "peak_anon_sampled": sampler.peak_anon, "file_at_peak_anon": sampler.file_at_peak_anon,
-        "peak_file_sampled": sampler.peak_file, "peak_rss_sampled": sampler.peak_rss,
-        "samples": sampler.samples, "t_load_s": t_load, "t_merge_s": t_merge, "t_total_s": t_total,
-        "saved_bytes": saved, "merged_keys": len(result.state_dict),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "calm_fast": calm_fast.__version__, "native": bool(calm_fast.NATIVE)}), flush=True)
+    sampler, end = window.sampler, window.end
+    return {"method": method, "loader": loader, "hwm_reset": window.hwm_reset,
+            "baseline": window.baseline, "end": end, "vm_hwm": end["VmHWM"],
+            "peak_anon_sampled": sampler.peak_anon, "file_at_peak_anon": sampler.file_at_peak_anon,
+            "peak_file_sampled": sampler.peak_file, "peak_rss_sampled": sampler.peak_rss,
+            "samples": sampler.samples, "t_load_s": t_load, "t_merge_s": t_merge, "t_total_s": t_total,
+            "saved_bytes": saved, "merged_keys": len(result.state_dict),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "calm_fast": calm_fast.__version__, "native": bool(calm_fast.NATIVE)}
 
 
 def run_child(spec_path: Path, scratch: Path, method: str, loader: str, interval: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--spec", str(spec_path),
-           "--scratch", str(scratch), "--method", method, "--loader", loader, "--interval", str(interval)]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
-        raise RuntimeError(f"child {method}/{loader} failed (rc {run.returncode}):\n"
-                           f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return harness.run_fresh(__spec__.name, ["--child", "--spec", str(spec_path), "--scratch", str(scratch),
+                                        "--method", method, "--loader", loader, "--interval", str(interval)],
+                             f"child {method}/{loader}")
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -336,29 +263,18 @@ def notes_for(rows: list[dict], info: dict) -> list[str]:
     return notes
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def machine_info(first: dict) -> dict:
     import platform
 
     import safetensors
 
-    sys.path.insert(0, str(HERE))
-    from machine import command_output, cpu_model
-
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "kernel": platform.release(),
+    return {"cpu": harness.cpu_model(), "cpus": os.cpu_count(), "kernel": platform.release(),
             "python": platform.python_version(), "torch": first["torch"], "torch_threads": first["torch_threads"],
             "safetensors": safetensors.__version__, "calm_fast": first["calm_fast"], "native": first["native"],
-            "git": command_output(["git", "rev-parse", "--short", "HEAD"]),
-            "git_dirty": bool(command_output(["git", "status", "--porcelain", "--untracked-files=no"]))}
+            "git": harness.git_sha(), "git_dirty": harness.git_dirty()}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, default=None, help="fine-tuned models T (default 8; 6 with --quick)")
@@ -366,7 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     p.add_argument("--workdir", default=None, help="folder for the checkpoints (default: a temp dir, removed)")
-    p.add_argument("--out", default=str(HERE / "results"), help="folder for stream_memory_cpu.json/.md")
+    p.add_argument("--out", default=str(RESULTS), help="folder for stream_memory_cpu.json/.md")
     p.add_argument("--quick", action="store_true", help="smoke test: T=6, 64 MB models")
     p.add_argument("--interval", type=float, default=0.001, help="RssAnon sampling interval, seconds")
     p.add_argument("--seed", type=int, default=0)
@@ -376,13 +292,11 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--loader", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        child(args)
-        return 0
+    return p.parse_args(argv)
 
-    tasks = args.tasks if args.tasks is not None else (6 if args.quick else 8)
-    model_mb = args.model_mb if args.model_mb is not None else (64 if args.quick else 256)
+
+def measure(args, tasks: int, model_mb: float) -> tuple[dict, list[dict]]:
+    """The checkpoints, then every (method, loader) in its own process: what was written, the rows."""
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="stream_memory_")) if own_workdir else Path(args.workdir)
     try:
@@ -397,8 +311,7 @@ def main(argv=None) -> int:
         rows = []
         for method in args.methods:
             for loader in args.loaders:
-                raw = run_child(spec_path, workdir, method, loader, args.interval)
-                row = derive(raw, info, tasks)
+                row = derive(run_child(spec_path, workdir, method, loader, args.interval), info, tasks)
                 rows.append(row)
                 print(f"{method:16s} {loader:9s} peak RSS +{row['peak_above_baseline_mb']:7.0f} MB "
                       f"({row['peak_above_baseline_x_model']:.2f} x model)  anon +{row['anon_above_baseline_mb']:7.0f} MB "
@@ -407,12 +320,22 @@ def main(argv=None) -> int:
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    return info, rows
 
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.child:
+        harness.emit(child(args))
+        return 0
+    tasks = args.tasks if args.tasks is not None else (6 if args.quick else 8)
+    model_mb = args.model_mb if args.model_mb is not None else (64 if args.quick else 256)
+    info, rows = measure(args, tasks, model_mb)
     payload = {
         "benchmark": "stream_memory",
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None
-        else shlex.join(["python", "benchmarks/stream_memory.py", *argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": harness.command_line(__spec__.name, argv),
+        "date": harness.utc_now(),
         "machine": machine_info(rows[0]),
         "workload": {k: v for k, v in info.items() if k not in ("pretrained", "task_paths")} | {"tasks": tasks},
         "interval_s": args.interval,
@@ -420,8 +343,7 @@ def main(argv=None) -> int:
         "notes": notes_for(rows, {**info, "tasks": tasks}),
     }
     out = Path(args.out)
-    write_atomic(out / "stream_memory_cpu.json", json.dumps(payload, indent=2) + "\n")
-    write_atomic(out / "stream_memory_cpu.md", markdown(payload))
+    harness.write_results(out, "stream_memory_cpu", payload, markdown(payload))
     print(f"wrote {out / 'stream_memory_cpu.json'} and .md")
     return 0
 

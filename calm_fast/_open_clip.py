@@ -1,4 +1,4 @@
-"""open_clip (and torchvision), imported the one way that works on every machine of this project.
+"""open_clip (and torchvision, and transformers), imported the one way that works on every machine here.
 
 Beside a CPU torch, the torchvision wheel may be a CUDA build whose compiled ops do not load, and
 then `import open_clip` fails inside torchvision. benchmarks/open_clip_compat.py holds the
@@ -8,6 +8,7 @@ calm_fast.benchmarks, so the library reuses it instead of keeping a second copy.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 
@@ -29,3 +30,27 @@ def import_open_clip():
         return open_clip
     except Exception as exc:  # ImportError, or torchvision's compiled ops failing to register on import
         raise ImportError(f"calm_fast: CLIP checkpoints need open_clip_torch importable ({exc})") from exc
+
+
+HF_EXTRA_HINT = "pip install 'calm_fast[hf]'"
+
+
+def import_transformers():
+    """The transformers module (an optional dependency: the `hf` extra); ImportError naming the
+    extra when it is missing. transformers imports torchvision when it is installed, so where
+    torchvision's compiled ops do not load, open_clip's way in (above) runs first."""
+    if sys.modules.get("transformers") is not None:
+        return sys.modules["transformers"]
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is not None:
+        try:
+            import_open_clip()  # defines the op schemas torchvision's import needs where its own do not load
+        except ImportError:
+            pass
+    try:
+        import transformers
+    except ImportError as exc:
+        missing = exc.name == "transformers" or "transformers" in str(exc).split("'")
+        reason = "transformers is not installed" if missing else f"transformers cannot be imported ({exc})"
+        raise ImportError(f"calm_fast: Hugging Face CLIP folders (the FusionBench form) need the optional "
+                          f"dependency transformers: {reason}; install it with {HF_EXTRA_HINT}") from exc
+    return transformers

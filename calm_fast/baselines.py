@@ -1,14 +1,8 @@
-"""Data-free merging baselines, all through the one consensus_merge op, one parameter at a time.
-
-- "average":          θ0 + mean_t τt
-- "task_arithmetic":  θ0 + λ Σt τt
-- "ties":             trim each τt to its top `density` magnitudes (one threshold per task over
-                      the whole model), elect signs, disjoint mean, scale by λ
-- "consensus":        TALL masks mt = [|τt| ≥ λt |Σs τs − τt|], keep scalars at least
-                      `min_votes` tasks agree on, then λ Σt τt
-Task vectors are formed per parameter in fp32. With lazily read checkpoints (safetensors) peak
-host memory is the merged model plus one parameter × T, plus, for TIES, one model's task vector
-while it measures each task's threshold.
+"""What the data-free methods share (calm_fast/methods/: average, task_arithmetic, ties,
+consensus): their config, task vectors and the per-parameter loop through the one
+consensus_merge op. Task vectors are formed per parameter in fp32. With lazily read checkpoints
+(safetensors) peak host memory is the merged model plus one parameter × T, plus, for TIES, one
+model's task vector while it measures each task's threshold.
 """
 from __future__ import annotations
 
@@ -18,9 +12,6 @@ import torch
 
 from . import ops
 
-DATA_FREE_METHODS = ("average", "task_arithmetic", "ties", "consensus")
-
-
 @dataclass(frozen=True)
 class DataFreeConfig:
     scaling: float = 0.3  # λ of task arithmetic / TIES / consensus (the authors' value)
@@ -28,11 +19,10 @@ class DataFreeConfig:
     tall_lambda: float = 0.5  # consensus: λt of the TALL masks
     min_votes: int = 2  # consensus: tasks that must agree to keep a scalar
 
-    def validate(self, num_tasks: int, method: str) -> None:
+    def validate(self) -> None:
+        """What holds for every data-free method (the methods check their own fields' bounds too)."""
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"calm_fast: density must lie in (0, 1], got {self.density}")
-        if method == "consensus" and not 0 <= self.min_votes <= num_tasks:
-            raise ValueError(f"calm_fast: min_votes must lie in [0, {num_tasks}], got {self.min_votes}")
         if self.tall_lambda < 0:
             raise ValueError(f"calm_fast: tall_lambda must be >= 0, got {self.tall_lambda}")
 
@@ -56,30 +46,20 @@ def ties_thresholds(pretrained, finetuned: dict, keys, density: float, device, p
     return thresholds
 
 
-def merge_data_free(pretrained, finetuned: dict, keys, method: str, config: DataFreeConfig,
+def merge_data_free(pretrained, finetuned: dict, keys, method, config: DataFreeConfig,
                     device, progress=None, thresholds=None) -> dict[str, torch.Tensor]:
-    """Merged weights for `keys` (the caller carries pretrained's other entries). TIES measures
-    its thresholds over `keys` unless given them (a distributed merge measures them over every
-    rank's keys, calm_fast.distributed)."""
+    """Merged weights for `keys` by a data-free `method` (a methods.DataFreeMethod; the caller
+    carries pretrained's other entries). TIES measures its thresholds over `keys` unless given
+    them (a distributed merge measures them over every rank's keys, calm_fast.distributed)."""
     num_tasks = len(finetuned)
-    config.validate(num_tasks, method)
-    if method == "average":
-        op_method, weights, thresholds, votes = "sum", [1.0 / num_tasks] * num_tasks, [], 0
-    elif method == "task_arithmetic":
-        op_method, weights, thresholds, votes = "sum", [config.scaling] * num_tasks, [], 0
-    elif method == "ties":
-        if thresholds is None:
-            thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device, progress)
-        op_method, weights, votes = "ties", [config.scaling] * num_tasks, 0
-    elif method == "consensus":
-        op_method, weights, votes = "consensus", [config.scaling] * num_tasks, config.min_votes
-        thresholds = [config.tall_lambda] * num_tasks
-    else:
-        raise ValueError(f"calm_fast: unknown data-free method {method!r}; one of {DATA_FREE_METHODS}")
+    method.validate(config, num_tasks)
+    if method.needs_thresholds and thresholds is None:
+        thresholds = ties_thresholds(pretrained, finetuned, keys, config.density, device, progress)
+    args = method.arguments(config, num_tasks, thresholds)
     merged = {}
-    for key in (progress(keys, desc=f"merging ({method})") if progress else keys):
+    for key in (progress(keys, desc=f"merging ({method.name})") if progress else keys):
         base = pretrained[key]
-        tau = ops.consensus_merge(task_vectors(base, finetuned.values(), key, device), weights, thresholds,
-                                  op_method, votes)
+        tau = ops.consensus_merge(task_vectors(base, finetuned.values(), key, device), args.weights, args.thresholds,
+                                  args.op, args.votes)
         merged[key] = (base.to(device, torch.float32) + tau).to(base.dtype).to(base.device)
     return merged

@@ -77,10 +77,13 @@ class LazyStateDict(Mapping):
 
     def without_prefix(self, prefix: str) -> LazyStateDict:
         """The same tensors, with `prefix` dropped from the names that start with it."""
+        return self.renamed({name: name[len(prefix):] if name.startswith(prefix) else name for name in self})
+
+    def renamed(self, names: Mapping[str, str]) -> LazyStateDict:
+        """The tensors `names` lists (old name -> new name), under their new names; still lazy."""
         renamed = LazyStateDict([], self.what)
-        for name, entry in self._entries.items():
-            new = name[len(prefix):] if name.startswith(prefix) else name
-            renamed._entries[new], renamed._specs[new] = entry, self._specs[name]
+        for name, new in names.items():
+            renamed._entries[new], renamed._specs[new] = self._entries[name], self._specs[name]
         return renamed
 
     def spec(self, key: str) -> tuple[torch.Size, torch.dtype]:
@@ -107,7 +110,7 @@ class LazyStateDict(Mapping):
 
 def spec(state: Mapping, key: str) -> tuple[torch.Size, torch.dtype]:
     """(shape, dtype) of one entry, without reading a lazy tensor's data."""
-    if isinstance(state, LazyStateDict):
+    if hasattr(state, "spec"):  # LazyStateDict, or a mapping that reads or gathers on access
         return state.spec(key)
     return state[key].shape, state[key].dtype
 
@@ -249,20 +252,30 @@ def write_safetensors_dir(state: Mapping[str, torch.Tensor], folder: str, *,
     model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json."""
     from safetensors.torch import save_file
 
-    sizes = {key: t.numel() * t.element_size() for key, t in state.items()}
+    sizes = {key: spec(state, key)[0].numel() * spec(state, key)[1].itemsize for key in state}
     shards = plan_shards(sizes, max_shard_bytes)
-    names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    pairs = list(zip(shard_names(len(shards)), shards))
     header = {"format": "pt", **(metadata or {})}
-    pairs = list(zip(names, shards))
     for name, keys in (progress(pairs, desc="writing shards") if progress else pairs):
         save_file({key: state[key].contiguous() for key in keys}, os.path.join(folder, name), metadata=header)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": {key: name for name, keys in pairs for key in keys}}
+    write_index(folder, pairs, sum(sizes.values()))
+    return [name for name, _ in pairs]
+
+
+def shard_names(count: int) -> list[str]:
+    """Hugging Face's file names for `count` safetensors shards (one: model.safetensors)."""
+    if count == 1:
+        return [SAFETENSORS_SINGLE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(folder: str, files: list[tuple[str, list[str]]], total_size: int) -> None:
+    """model.safetensors.index.json for (file name, keys) shards; none for a single file."""
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total_size},
+                 "weight_map": {key: name for name, keys in files for key in keys}}
         with open(os.path.join(folder, SAFETENSORS_INDEX), "w") as f:
             json.dump(index, f, indent=2)
-    return names
 
 
 def _umask() -> int:

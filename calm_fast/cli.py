@@ -9,11 +9,14 @@ import logging
 import os
 import sys
 
+from .methods import METHODS
+
 log = logging.getLogger("calm_fast")
 
 
 _TASK_VECTORS_FLAGS = {"tasks": "tasks", "data": "data", "model": "model", "zeroshot": "zeroshot",
-                       "text_tower": "text_tower", "heads_cache": "heads_cache", "workers": "workers"}
+                       "text_tower": "text_tower", "heads_cache": "heads_cache", "workers": "workers",
+                       "pretrained": "pretrained"}
 
 
 def _job(args, *, merging: bool):
@@ -69,6 +72,8 @@ def _merge(args) -> int:
     overwrite = job.overwrite or args.overwrite
     if os.path.exists(job.output) and not overwrite and not args.check:  # fail before the work
         raise FileExistsError(f"calm_fast: {job.output} exists; set overwrite: true or pass --overwrite")
+    if _launched_by_torchrun() and not args.check:
+        return _merge_distributed(job, args, overwrite)
     pretrained, finetuned = job.weights(progress_bar(not args.quiet))
     made = job.build(progress_bar(not args.quiet))
     if args.check:
@@ -76,14 +81,11 @@ def _merge(args) -> int:
                                   progress=not args.quiet, **{k: v for k, v in made.items() if k != "forward"})
         print(json.dumps({**summary, "output": job.output}, indent=2))
         return 0
-    if _launched_by_torchrun():
-        return _merge_distributed(job, pretrained, finetuned, overwrite)
     log.info("merging %d task(s) with %s into %s", len(finetuned), job.method, job.output)
     result = calm_fast.merge(pretrained, finetuned, method=job.method, config=job.options, device=job.device,
                              seed=job.seed, progress=not args.quiet, progress_file=job.progress_file, **made)
     result.save(job.output, max_shard_bytes=job.shard_size, overwrite=overwrite, progress=not args.quiet)
-    if job.progress_file and os.path.exists(job.progress_file):
-        os.remove(job.progress_file)
+    _finish(job)
     log.info("wrote %s (report: %s)", job.output, os.path.join(job.output, REPORT_FILE))
     if result.report is not None:
         log.info("order: initial %s, sequential %s; mask density %s", result.report.initial,
@@ -95,33 +97,48 @@ def _launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _merge_distributed(job, pretrained, finetuned, overwrite) -> int:
-    """Under `torchrun --nproc-per-node N`: a data-free merge split by keys over the N ranks, each
-    writing its shards (calm_fast.distributed). Collectives time out after
-    $CALM_FAST_DIST_TIMEOUT seconds (default 300), so a lost rank is an error, not a hang."""
+def _merge_distributed(job, args, overwrite) -> int:
+    """Under `torchrun --nproc-per-node N`: every rank runs the same job (calm_fast.distributed):
+    CALM on the model sharded by FSDP2, a data-free merge split by keys; each rank writes its part
+    of the output. Collectives time out after $CALM_FAST_DIST_TIMEOUT seconds (default 300), so
+    a lost rank is an error, not a hang."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
-    from . import distributed
+    import calm_fast
 
-    if job.method == "calm":
-        raise ValueError("calm_fast: CALM does not run across processes yet; run it in one process "
-                         "(the data-free methods run under torchrun)")
+    from .merge import progress_bar
+
     device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":  # one GPU per rank unless the config names one
         device = device if device.index is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    job.device = str(device)
     timeout = datetime.timedelta(seconds=float(os.environ.get("CALM_FAST_DIST_TIMEOUT", "300")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     try:
-        distributed.merge_data_free(pretrained, finetuned, job.method, job.options, job.output, seed=job.seed,
-                                    device=device, max_shard_bytes=job.shard_size, overwrite=overwrite)
-        log.info("rank %d of %d: wrote its shards of %s", dist.get_rank(), dist.get_world_size(), job.output)
+        bar = progress_bar(not args.quiet and dist.get_rank() == 0)
+        pretrained, finetuned = job.weights(bar)
+        calm_fast.merge(pretrained, finetuned, method=job.method, config=job.options, device=device, seed=job.seed,
+                        progress=bar is not None, progress_file=job.progress_file, output=job.output,
+                        overwrite=overwrite, max_shard_bytes=job.shard_size, **job.build(bar))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _finish(job)
+        log.info("rank %d of %d: wrote its part of %s", dist.get_rank(), dist.get_world_size(), job.output)
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _finish(job) -> None:
+    """What follows a written merge: the model's own files beside the weights, no progress file."""
+    if job.clip is not None:  # e.g. config.json beside Hugging Face CLIP weights
+        job.clip.layout.write_model_files(job.output)
+    if job.progress_file and os.path.exists(job.progress_file):
+        os.remove(job.progress_file)
 
 
 def _evaluate(args) -> int:
@@ -220,13 +237,13 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from ._source_tree import import_subpackage
 
-    bench_ops = importlib.import_module(f"{import_subpackage('benchmarks').__name__}.bench_ops")
+    ops_bench = importlib.import_module(f"{import_subpackage('benchmarks').__name__}.ops.run")
 
     argv = list(args.bench_args)
     if not any(a == "--out" or a.startswith("--out=") for a in argv):
         argv += ["--out", "calm-fast-bench"]
     sys.argv[0] = "calm-fast bench"  # the benchmark's own parser names itself after argv[0]
-    return bench_ops.main(argv)
+    return ops_bench.main(argv)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -235,22 +252,39 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calm-fast", description=__doc__,
                                 epilog="The config file format is documented in calm_fast/config.py and the README.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tv = _task_vectors_flags()
+    _add_merge(sub, [common, tv])
+    _add_evaluate(sub, [common, tv])
+    _add_tools(sub, [common])
+    return p
 
+
+def _task_vectors_flags() -> argparse.ArgumentParser:
+    """The flags that name a task-vectors (or FusionBench) layout, shared by merge and evaluate."""
     tv = argparse.ArgumentParser(add_help=False)
     g = tv.add_argument_group("task-vectors checkpoints (instead of a config file)")
     g.add_argument("--task-vectors", metavar="ROOT",
-                   help="checkpoints/<model> folder: zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt")
+                   help="checkpoints/<model> folder: zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt; or a "
+                        "FusionBench root: _pretrained_/ (Hugging Face CLIPModel folder), <task>/ (CLIPVisionModel "
+                        "folders; needs the hf extra)")
     g.add_argument("--tasks", help="comma-separated task names, e.g. MNIST,EuroSAT,DTD")
     g.add_argument("--data", metavar="DIR", help="image folders, one per task: DIR/<Task>/[<class>/]*.jpg")
     g.add_argument("--model", help="open_clip model name (default: ROOT's folder name, e.g. ViT-B-32)")
     g.add_argument("--zeroshot", metavar="FILE",
                    help="YAML/JSON: task -> {classes: [...], templates: ['a photo of a {}.']}, for tasks "
                         "without head_<Task>.pt")
-    g.add_argument("--text-tower", metavar="PATH", help="open_clip checkpoint holding the text tower (zero-shot heads)")
+    g.add_argument("--text-tower", metavar="PATH", help="open_clip checkpoint holding the text tower (zero-shot heads); "
+                                                         "Hugging Face form: a CLIPModel folder")
+    g.add_argument("--pretrained", metavar="DIR",
+                   help="Hugging Face form: the pretrained CLIP folder (default ROOT/_pretrained_); ROOT then holds "
+                        "only the <task>/ folders")
     g.add_argument("--heads-cache", metavar="DIR", help="where zero-shot heads are cached (safetensors)")
     g.add_argument("--workers", type=int, help="image decoding threads")
+    return tv
 
-    m = sub.add_parser("merge", parents=[common, tv],
+
+def _add_merge(sub, parents) -> None:
+    m = sub.add_parser("merge", parents=parents,
                        help="merge the checkpoints a YAML config (or --task-vectors ROOT) names; write weights, "
                             "masks, report",
                        description="Merge with CALM or a data-free method as CONFIG says, or straight from a "
@@ -260,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
                                    "a CALM run saves each finished step to OUTPUT.progress.safetensors and "
                                    "continues from it when restarted with the same config.")
     m.add_argument("config", nargs="?", help="YAML config file (format: calm_fast/config.py, README)")
-    m.add_argument("--method", help="with --task-vectors: calm (default), task_arithmetic, ties, consensus, average")
+    m.add_argument("--method", help=f"with --task-vectors: one of {', '.join(METHODS)} (default calm)")
     m.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="with --task-vectors: a CALMConfig / DataFreeConfig field, e.g. updates=50, "
                         "sequential=[MNIST,DTD] (repeatable)")
@@ -273,7 +307,9 @@ def parser() -> argparse.ArgumentParser:
                         "NaN/Inf) and CALM's heads/data/model, print a summary; merge and write nothing")
     m.set_defaults(run=_merge)
 
-    e = sub.add_parser("evaluate", parents=[common, tv],
+
+def _add_evaluate(sub, parents) -> None:
+    e = sub.add_parser("evaluate", parents=parents,
                        help="per-task accuracy of checkpoints with the task-vectors heads on labeled image folders",
                        description="Top-1 accuracy per task (and the mean) of each --weights, with the layout's "
                                    "heads (head_<Task>.pt or zero-shot), on DIR/<Task>/<class>/ image folders. "
@@ -287,7 +323,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(run=_evaluate)
 
-    r = sub.add_parser("replay", parents=[common],
+
+def _add_tools(sub, parents) -> None:
+    """replay, inspect, info, bench."""
+    r = sub.add_parser("replay", parents=parents,
                        help="rebuild CALM's merged weights from a mask file, without data",
                        description="Rebuild the merged weights from the config's pretrained and fine-tuned "
                                    "checkpoints and a mask file; no heads, data or factory are needed.")
@@ -298,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing output")
     r.set_defaults(run=_replay)
 
-    i = sub.add_parser("inspect", parents=[common],
+    i = sub.add_parser("inspect", parents=parents,
                        help="mask density per parameter and step, as a table and a PNG",
                        description="Print the density (kept fraction) of each step's mask per parameter.")
     i.add_argument("masks", help="a mask file, or a merge output folder holding masks.safetensors")
@@ -306,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(run=_inspect)
 
-    n = sub.add_parser("info", parents=[common], help="versions, native builds (CPU ISA, CUDA) and backends here",
+    n = sub.add_parser("info", parents=parents, help="versions, native builds (CPU ISA, CUDA) and backends here",
                        description="Print what this installation runs on: calm_fast and torch versions, whether the "
                                    "native kernels loaded and which CPU ISA build, CUDA kernels, GPUs, and the "
                                    "backend each device's ops run on.")
@@ -319,7 +358,6 @@ def parser() -> argparse.ArgumentParser:
                                    "'calm-fast bench --help' lists them. Results go to ./calm-fast-bench "
                                    "unless --out is given.")
     b.set_defaults(run=_bench, quiet=False)
-    return p
 
 
 def main(argv=None) -> int:

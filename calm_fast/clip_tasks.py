@@ -1,13 +1,15 @@
-"""The paper's setting in one call: merge and evaluate task-vectors CLIP checkpoints on image folders.
+"""The paper's setting in one call: merge and evaluate CLIP checkpoints on image folders.
 
     tasks = CLIPTasks("checkpoints/ViT-B-32", ["MNIST", "EuroSAT"], data="images/")
-    result = tasks.merge(method="calm")            # a MergeResult: .save("merged/")
+    result = tasks.merge(method="calm")            # a MergeResult: tasks.save(result, "merged/")
     tasks.evaluate("merged/")                      # {"MNIST": 0.97, ..., "mean": ...}
 
-Everything CALM needs is derived from the layout (task_vectors.py): the pretrained and fine-tuned
-image towers (merged under open_clip's key names, "visual.*"), the open_clip architecture, a head
-per task (head_<Task>.pt, else a zero-shot head from class names and prompt templates, cached),
-and each task's images (image_data.py), streamed by index so no task is loaded whole.
+Everything CALM needs is derived from the checkpoint layout: the pretrained and fine-tuned image
+towers, the architecture, a head per task (a head file, else a zero-shot head from class names
+and prompt templates, cached) and each task's images (image_data.py), streamed by index so no
+task is loaded whole. Two layouts are read: task_vectors' open_clip .pt files (task_vectors.py:
+merged under open_clip's names, "visual.*") and FusionBench's Hugging Face CLIP folders
+(hf_clip.py: "vision_model.*"); `find_layout` tells them apart and both answer the same calls.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import heads as heads_mod
+from . import methods
 from .checkpoint import CheckpointError
-from .image_data import ImageFolderTask, ImageForward, Loader, eval_transform, index_pools
-from .task_vectors import VISUAL_PREFIX, EncoderCheckpoint, Layout, clip_model, load_into, read_encoder
+from .image_data import ImageFolderTask, ImageForward, Loader, index_pools
+from .task_vectors import EncoderCheckpoint, Layout
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,36 @@ def default_cache() -> str:
                                                                        "calm_fast")), "heads")
 
 
+def find_layout(root: str | None, tasks: Sequence[str], model: str | None = None, *, pretrained: str | None = None,
+                finetuned: Mapping[str, str] | None = None, text_tower: str | None = None):
+    """The checkpoint layout at `root`: FusionBench's Hugging Face folders when `pretrained` or
+    `finetuned` is given or root holds a pretrained CLIP folder, else task_vectors' .pt files."""
+    from . import hf_clip
+
+    if pretrained is not None or finetuned is not None or (root is not None and hf_clip.is_fusionbench_root(root)):
+        if model is not None:
+            raise ValueError("calm_fast: model names an open_clip architecture; Hugging Face CLIP folders say "
+                             "theirs in config.json (leave --model out)")
+        return hf_clip.HFLayout.find(root, tasks, pretrained=pretrained, finetuned=finetuned, text_tower=text_tower)
+    if root is None:
+        raise ValueError("calm_fast: give the checkpoints root (or pretrained and finetuned folders)")
+    return Layout.find(root, tasks, model)
+
+
 @dataclass
 class CLIPTasks:
-    """Task-vectors checkpoints + per-task images: what merge() and evaluation need, built lazily.
+    """CLIP checkpoints + per-task images: what merge() and evaluation need, built lazily.
 
+    root: a task-vectors checkpoints/<model> folder or a FusionBench root (find_layout).
     data: a folder holding one image folder per task (`<data>/<Task>/`), or task -> a folder or a
     torch Dataset. zeroshot: task -> ZeroShot (or its mapping form), used for tasks without a
-    head_<Task>.pt. text_tower: an open_clip checkpoint with the text transformer, for zero-shot
-    heads when zeroshot.pt has none (task_vectors drops it). model: the open_clip model name
-    (default: the root folder's name).
+    head file. text_tower: the checkpoint with CLIP's text transformer, for zero-shot heads when
+    the pretrained one has none (task_vectors drops it). model: the open_clip model name
+    (default: the root folder's name). pretrained / finetuned (Hugging Face form): the pretrained
+    CLIP folder and task -> CLIPVisionModel folder, instead of <root>/_pretrained_ and <root>/<task>.
     """
 
-    root: str
+    root: str | None
     tasks: Sequence[str]
     data: str | Mapping[str, object] | None = None
     model: str | None = None
@@ -72,11 +93,14 @@ class CLIPTasks:
     heads_cache: str | None = None
     workers: int | None = None
     batch_size: int = 128
+    pretrained: str | None = None
+    finetuned: Mapping[str, str] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.tasks = list(self.tasks)
-        self.layout = Layout.find(self.root, self.tasks, self.model)
+        self.layout = find_layout(self.root, self.tasks, self.model, pretrained=self.pretrained,
+                                  finetuned=self.finetuned, text_tower=self.text_tower)
         self.model = self.layout.model
         self.zeroshot = {t: ZeroShot.of(v, t) for t, v in (self.zeroshot or {}).items()}
         unknown = sorted(set(self.zeroshot) - set(self.tasks))
@@ -94,6 +118,7 @@ class CLIPTasks:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def encoders(self, progress=None) -> tuple[EncoderCheckpoint, dict[str, EncoderCheckpoint]]:
+        """(pretrained, {task: fine-tuned}) as the layout reads them (hf_clip.HFFolder for folders)."""
         if "encoders" not in self._cache:
             self._cache["encoders"] = self.layout.read(progress)
         return self._cache["encoders"]
@@ -104,8 +129,14 @@ class CLIPTasks:
         return base.visual(), {t: e.visual() for t, e in tuned.items()}
 
     def architecture(self) -> torch.nn.Module:
-        """A fresh open_clip model (no text transformer) with the pretrained image tower."""
+        """A fresh model of the image tower (open_clip without its text transformer, or transformers'
+        CLIPVisionModelWithProjection) with the pretrained weights."""
         return self.layout.architecture(self.encoders()[0])
+
+    def save(self, result, path: str, **save_kwargs) -> None:
+        """result.save(path), plus what the layout's model needs beside the weights (config.json)."""
+        result.save(path, **save_kwargs)
+        self.layout.write_model_files(path)
 
     # ---- heads ---------------------------------------------------------------------------------
     def heads(self, device=None, progress=None) -> dict[str, heads_mod.ClassificationHead]:
@@ -114,11 +145,11 @@ class CLIPTasks:
         out, text = {}, None
         for task in self.tasks:
             path = self.layout.head(task)
-            if os.path.exists(path):
+            if path is not None and os.path.exists(path):
                 out[task] = heads_mod.read_task_vectors_head(path, f"task {task!r} head")
             elif task in self.zeroshot:
                 if text is None:
-                    text = self._text_model()
+                    text = self.layout.text_model(self.encoders()[0], self.text_tower)
                 spec = self.zeroshot[task]
                 key = heads_mod.cache_key(self.model, text[1], spec.classes, spec.templates)
                 cache = os.path.join(self.heads_cache or default_cache(), self.model, f"{task}-{key}.safetensors")
@@ -127,42 +158,19 @@ class CLIPTasks:
                 if len(spec.classes) != out[task].num_classes:
                     raise CheckpointError(f"calm_fast: task {task!r}: cached head {cache} does not match its classes")
             else:
-                raise FileNotFoundError(f"calm_fast: task {task!r}: no head: {path} does not exist and no zero-shot "
-                                        "class names are given for it")
-            width = self.encoders()[0].state.get("visual.proj")
-            if width is not None and out[task].weight.shape[1] != width.shape[-1]:
+                missing = f"{path} does not exist and " if path is not None else ""
+                raise FileNotFoundError(f"calm_fast: task {task!r}: no head: {missing}no zero-shot class names are "
+                                        "given for it")
+            width = self.layout.feature_width(self.encoders()[0])
+            if width is not None and out[task].weight.shape[1] != width:
                 raise CheckpointError(f"calm_fast: task {task!r}: its head takes {out[task].weight.shape[1]} features, "
-                                      f"the {self.model} image tower gives {width.shape[-1]}")
+                                      f"the {self.model} image tower gives {width}")
         self._cache["heads"] = out
         return out
 
-    def _text_model(self):
-        """(CLIP with its text tower, the file it came from, tokenizer) for zero-shot heads."""
-        from ._open_clip import import_open_clip
-
-        base = self.encoders()[0]
-        source = read_encoder(self.text_tower, "text tower") if self.text_tower else base
-        if not source.has_text_tower:
-            raise CheckpointError(f"calm_fast: zero-shot heads need CLIP's text tower, and {source.path} has none "
-                                  "(task_vectors' ImageEncoder drops it); give text_tower: an open_clip "
-                                  f"{self.model} checkpoint that holds it (--text-tower)")
-        model = clip_model(self.model, bool(base.quick_gelu), text=True)
-        own = {k: v for k, v in model.state_dict().items() if not k.startswith(VISUAL_PREFIX)}
-        missing = sorted(set(own) - set(source.state))
-        if missing:
-            raise CheckpointError(f"calm_fast: text tower {source.path} lacks {missing[:3]} of open_clip {self.model}")
-        with torch.no_grad():
-            for key, tensor in own.items():
-                if source.state[key].shape != tensor.shape:
-                    raise CheckpointError(f"calm_fast: text tower {source.path}: {key} is "
-                                          f"{list(source.state[key].shape)}, open_clip {self.model}'s is "
-                                          f"{list(tensor.shape)}")
-                tensor.copy_(source.state[key])
-        return model, source.path, import_open_clip().get_tokenizer(self.model)
-
     # ---- data ----------------------------------------------------------------------------------
     def datasets(self, transform) -> dict[str, torch.utils.data.Dataset]:
-        """task -> Dataset; image folders get open_clip's eval transform and the task's class names."""
+        """task -> Dataset; image folders get the model's eval preprocessing and the task's class names."""
         if self.data is None:
             raise ValueError("calm_fast: no data given: CALM and evaluation need images per task (--data)")
         out = {}
@@ -190,10 +198,10 @@ class CLIPTasks:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = self.architecture()
         heads = self.heads(device, progress)
-        datasets = self._checked_datasets(eval_transform(model), heads)
+        datasets = self._checked_datasets(self.layout.transform(model), heads)
         loader = Loader(None, self.workers)
         return {"model": model, "heads": heads, "data": index_pools(datasets),
-                "forward": ImageForward(model.encode_image, datasets, loader, device)}
+                "forward": ImageForward(self.layout.encode(model), datasets, loader, device)}
 
     # ---- the two things a user does ------------------------------------------------------------
     def merge(self, method: str = "calm", *, config=None, device=None, seed: int = 0, progress: bool = True,
@@ -203,7 +211,7 @@ class CLIPTasks:
 
         bar = progress_bar(progress)
         pretrained, finetuned = self.weights(bar)
-        extra = self.calm_inputs(device, bar) if method == "calm" else {}
+        extra = self.calm_inputs(device, bar) if methods.get(method).needs_data else {}
         return merge(pretrained, finetuned, method=method, config=config, device=device, seed=seed,
                      progress=progress, progress_file=progress_file, **extra)
 
@@ -212,20 +220,20 @@ class CLIPTasks:
         """Top-1 accuracy per task on labeled image folders, and their mean.
 
         weights: "zeroshot", "finetuned" (each task's own fine-tuned encoder: the individual
-        models), a merge output folder / safetensors file / encoder .pt, or an open_clip state dict.
+        models), a merge output folder / safetensors file / encoder .pt / Hugging Face folder, or a
+        state dict under the layout's names.
         """
         from .merge import progress_bar
-        from .state import load_state_dict
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         bar = progress_bar(progress)
         model = self.architecture()
+        encode = self.layout.encode(model)
         heads = self.heads(device, bar)
-        datasets = self._checked_datasets(eval_transform(model), heads)
+        datasets = self._checked_datasets(self.layout.transform(model), heads)
         base, tuned = self.encoders()
         if isinstance(weights, str) and weights not in ("zeroshot", "finetuned"):
-            weights = read_encoder(weights, "weights").state if weights.endswith(".pt") else \
-                dict(load_state_dict(weights, what="weights").items())
+            weights = self.layout.read_weights(weights)
         loader = Loader(None, self.workers)
         accuracy = {}
         try:
@@ -235,7 +243,7 @@ class CLIPTasks:
                     raise ValueError(f"calm_fast: task {task!r}: {dataset.root} has no class folders; "
                                      "evaluation needs labeled images (<task>/<class>/*)")
                 state = base.state if weights == "zeroshot" else tuned[task].state if weights == "finetuned" else weights
-                load_into(model, state, f"the weights evaluated on task {task!r}")
+                self.layout.load(model, state, f"the weights evaluated on task {task!r}")
                 model.to(device)
                 head = heads[task].to(device)
                 correct = total = 0
@@ -244,7 +252,7 @@ class CLIPTasks:
                 for images, labels in (bar(batches, total=n, desc=f"evaluating {task}") if bar else batches):
                     if (labels < 0).any():
                         raise ValueError(f"calm_fast: task {task!r}: evaluation needs labels; the dataset gave -1")
-                    predicted = head(model.encode_image(images.to(device))).argmax(dim=-1).cpu()
+                    predicted = head(encode(images.to(device))).argmax(dim=-1).cpu()
                     correct += int((predicted == labels).sum())
                     total += len(labels)
                 accuracy[task] = correct / total
@@ -254,17 +262,19 @@ class CLIPTasks:
         return accuracy
 
 
-def merge_clip(root: str, tasks: Sequence[str], data=None, *, method: str = "calm", model: str | None = None,
-               zeroshot=None, text_tower=None, heads_cache=None, workers=None, **merge_kwargs):
+def merge_clip(root: str | None, tasks: Sequence[str], data=None, *, method: str = "calm", model: str | None = None,
+               zeroshot=None, text_tower=None, heads_cache=None, workers=None, pretrained=None, finetuned=None,
+               **merge_kwargs):
     """CLIPTasks(root, tasks, data, ...).merge(method, **merge_kwargs): one call from the layout."""
     return CLIPTasks(root, tasks, data, model=model, zeroshot=zeroshot, text_tower=text_tower,
-                     heads_cache=heads_cache, workers=workers).merge(method, **merge_kwargs)
+                     heads_cache=heads_cache, workers=workers, pretrained=pretrained,
+                     finetuned=finetuned).merge(method, **merge_kwargs)
 
 
-def evaluate_clip(weights, root: str, tasks: Sequence[str], data, *, model: str | None = None, zeroshot=None,
+def evaluate_clip(weights, root: str | None, tasks: Sequence[str], data, *, model: str | None = None, zeroshot=None,
                   text_tower=None, heads_cache=None, workers=None, batch_size: int = 128, device=None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, pretrained=None, finetuned=None) -> dict:
     """Per-task accuracy of `weights` with the layout's heads on labeled image folders."""
     return CLIPTasks(root, tasks, data, model=model, zeroshot=zeroshot, text_tower=text_tower,
-                     heads_cache=heads_cache, workers=workers, batch_size=batch_size).evaluate(
-        weights, device=device, progress=progress)
+                     heads_cache=heads_cache, workers=workers, batch_size=batch_size, pretrained=pretrained,
+                     finetuned=finetuned).evaluate(weights, device=device, progress=progress)

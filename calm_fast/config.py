@@ -29,6 +29,14 @@ The paper's setting replaces pretrained / finetuned / factory with one block (cl
       workers: 4                 # image decoding threads
       batch_size: 128            # evaluation batch size
 
+or, for FusionBench's Hugging Face CLIP folders (hf_clip.py; needs the `hf` extra), the same block
+with root holding _pretrained_/ (a CLIPModel folder) and one CLIPVisionModel folder per task, or
+naming them itself:
+
+      pretrained: clip-vit-base-patch32/          # default: <root>/_pretrained_ or <root>/pretrained
+      finetuned: {sun397: clip-vit-base-patch32_sun397/, ...}   # default: <root>/<task>
+      text_tower: clip-vit-base-patch32/          # a CLIPModel folder, when pretrained is a CLIPVisionModel
+
 Relative paths (checkpoints, factory file, output) are relative to the config file's folder.
 Every error names the field and what it accepts.
 """
@@ -43,16 +51,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import methods
 from .baselines import DataFreeConfig
 from .calm import CALMConfig
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, parse_size
-from .merge import METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIELDS = ("method", "pretrained", "finetuned", "options", "factory", "factory_args", "output", "device",
           "seed", "shard_size", "resume", "overwrite", "task_vectors")
 TASK_VECTORS_FIELDS = ("root", "tasks", "data", "model", "zeroshot", "text_tower", "heads_cache", "workers",
-                       "batch_size")
+                       "batch_size", "pretrained", "finetuned")
 
 
 class ConfigError(ValueError):
@@ -78,7 +86,7 @@ class MergeJob:
 
     @property
     def progress_file(self) -> str | None:
-        return f"{self.output.rstrip(os.sep)}.progress.safetensors" if self.method == "calm" and self.resume else None
+        return f"{self.output.rstrip(os.sep)}.progress.safetensors" if methods.get(self.method).needs_data and self.resume else None
 
     def weights(self, progress=None):
         """(pretrained, finetuned) as merge() takes them: paths stay paths (read lazily)."""
@@ -93,7 +101,7 @@ class MergeJob:
     def build(self, progress=None) -> dict:
         """heads / data / model / forward from the factory, or from the task_vectors block (CALM)."""
         if self.clip is not None:
-            return self.clip.calm_inputs(self.device, progress) if self.method == "calm" else {}
+            return self.clip.calm_inputs(self.device, progress) if methods.get(self.method).needs_data else {}
         if self.factory is None:
             return {}
         made = load_factory(self.factory, self.folder)(**self.factory_args)
@@ -178,7 +186,8 @@ def _coerce(cls, name: str, value):
 
 
 def _options(method: str, given, tasks: list[str]):
-    cls = CALMConfig if method == "calm" else DataFreeConfig
+    chosen = methods.get(method)
+    cls = chosen.config_class
     if given is None:
         given = {}
     if not isinstance(given, dict):
@@ -190,7 +199,7 @@ def _options(method: str, given, tasks: list[str]):
                           f"allowed: {names}")
     options = cls(**{name: _coerce(cls, name, value) for name, value in given.items()})
     try:
-        options.validate() if cls is CALMConfig else options.validate(len(tasks), method)
+        chosen.validate(options, len(tasks))
     except ValueError as exc:
         raise ConfigError(f"field 'options': {exc}") from exc
     return options
@@ -215,10 +224,11 @@ def parse(raw: dict, folder: str = ".") -> MergeJob:
         if name not in raw:
             raise ConfigError(f"field {name!r} is required")
     method = raw.get("method", "calm")
-    if method not in METHODS:
-        _fail("method", f"one of {list(METHODS)}", method)
-    if clip is not None and method == "calm" and clip.data is None:
-        raise ConfigError("field 'task_vectors.data' is required for method 'calm' (the unlabeled images per task)")
+    if method not in methods.METHODS:
+        _fail("method", f"one of {list(methods.METHODS)}", method)
+    needs_data = methods.get(method).needs_data
+    if clip is not None and needs_data and clip.data is None:
+        raise ConfigError(f"field 'task_vectors.data' is required for method {method!r} (the unlabeled images per task)")
     finetuned = raw["finetuned"]
     if not isinstance(finetuned, dict) or not finetuned:
         _fail("finetuned", "a non-empty mapping of task name -> checkpoint", finetuned)
@@ -238,8 +248,8 @@ def parse(raw: dict, folder: str = ".") -> MergeJob:
         if not isinstance(flags[name], bool):
             _fail(name, "true or false", flags[name])
     factory, factory_args = raw.get("factory"), raw.get("factory_args", {})
-    if method == "calm" and factory is None and clip is None:
-        raise ConfigError("field 'factory' is required for method 'calm' (heads and unlabeled data come "
+    if needs_data and factory is None and clip is None:
+        raise ConfigError(f"field 'factory' is required for method {method!r} (heads and unlabeled data come "
                           "from it: 'file.py:function' or 'package.module:function')")
     if factory is not None and (not isinstance(factory, str) or ":" not in factory):
         _fail("factory", "'file.py:function' or 'package.module:function'", factory)
@@ -263,15 +273,21 @@ def _task_vectors(folder: str, value):
     unknown = sorted(set(value) - set(TASK_VECTORS_FIELDS))
     if unknown:
         raise ConfigError(f"field 'task_vectors': unknown field(s) {unknown}; allowed: {list(TASK_VECTORS_FIELDS)}")
-    if "root" not in value:
-        raise ConfigError("field 'task_vectors.root' is required (the checkpoints/<model> folder)")
+    if "root" not in value and not ("pretrained" in value and "finetuned" in value):
+        raise ConfigError("field 'task_vectors.root' is required (the checkpoints/<model> folder, or a FusionBench "
+                          "root; or give pretrained and finetuned folders)")
     tasks = value.get("tasks")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         _fail("task_vectors.tasks", "a non-empty list of task names", value.get("tasks"))
     paths = {name: _path(folder, value[name], f"task_vectors.{name}") if value.get(name) is not None else None
-             for name in ("root", "data", "text_tower", "heads_cache")}
+             for name in ("root", "data", "text_tower", "heads_cache", "pretrained")}
+    finetuned = value.get("finetuned")
+    if finetuned is not None:
+        if not isinstance(finetuned, dict) or not finetuned:
+            _fail("task_vectors.finetuned", "a mapping of task -> Hugging Face CLIPVisionModel folder", finetuned)
+        finetuned = {str(t): _path(folder, f, f"task_vectors.finetuned.{t}") for t, f in finetuned.items()}
     zeroshot = value.get("zeroshot")
     if isinstance(zeroshot, str):
         zeroshot = _read_mapping(_path(folder, zeroshot, "task_vectors.zeroshot"), "task_vectors.zeroshot")
@@ -287,7 +303,8 @@ def _task_vectors(folder: str, value):
     try:
         return CLIPTasks(paths["root"], tasks, paths["data"], model=model, zeroshot=zeroshot,
                          text_tower=paths["text_tower"], heads_cache=paths["heads_cache"],
-                         workers=value.get("workers"), batch_size=value.get("batch_size") or 128)
+                         workers=value.get("workers"), batch_size=value.get("batch_size") or 128,
+                         pretrained=paths["pretrained"], finetuned=finetuned)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"field 'task_vectors': {exc}") from exc
 

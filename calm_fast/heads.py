@@ -66,6 +66,7 @@ def zero_shot_head(clip_model, tokenizer: Callable, classnames: Sequence[str],
     `template.format(classname)` for every template, normalized, times exp(logit_scale)."""
     check_prompts(classnames, templates)
     device = torch.device(device or "cpu")
+    clip_model = clip_model.to(device)
     rows = []
     names = list(classnames)
     for name in (progress(names, desc="zero-shot head") if progress else names):

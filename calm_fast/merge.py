@@ -1,18 +1,17 @@
 """calm_fast.merge(): the one call that merges fine-tuned models, with CALM or a data-free baseline."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import baselines, maskfile, state
-from .calm import CALMConfig, CALMMerger, CALMReport, check_model, merged_parameter
+from . import baselines, maskfile, methods, state
+from .calm import CALMConfig, CALMReport, merged_parameter
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, LazyStateDict, atomic_directory, spec, write_safetensors_dir
 
-METHODS = ("calm",) + baselines.DATA_FREE_METHODS
+METHODS = tuple(methods.METHODS)
 MASKS_FILE = "masks.safetensors"
 REPORT_FILE = "report.json"
 
@@ -57,7 +56,7 @@ def progress_bar(enabled: bool = True):
     return lambda iterable, **kw: tqdm(iterable, leave=False, **kw)
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -76,7 +75,7 @@ def _as_output(merged: dict, pretrained) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_inputs(pretrained, finetuned, bar=None):
+def load_inputs(pretrained, finetuned, bar=None):
     tasks = state.named_tasks(finetuned)
     base = state.load_state_dict(pretrained, what="pretrained")
     items = list(tasks.items())
@@ -87,7 +86,8 @@ def _load_inputs(pretrained, finetuned, bar=None):
 
 def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None, data=None,
           forward=None, config=None, device=None, seed: int = 0, progress: bool = True,
-          progress_file=None) -> MergeResult:
+          progress_file=None, output=None, overwrite: bool = False,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> MergeResult:
     """Merge fine-tuned copies of `pretrained` into one multi-task model.
 
     pretrained: nn.Module, state dict or checkpoint path. finetuned: task name -> the same kinds
@@ -101,63 +101,72 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     it (same tasks, config, seed, parameters, data sizes) continues after its last step.
     Checkpoint paths are read lazily (safetensors): the data-free methods then hold one
     parameter per task at a time, not T models.
+    output: also save the result there (MergeResult.save). Inside an initialized process group
+    of several ranks (torchrun) every rank calls merge() alike and output is required: CALM
+    runs on the model sharded by FSDP2, the data-free methods split the parameters
+    (calm_fast.distributed), each rank writes its part and the result reads output back lazily.
     """
-    config = _checked_config(method, config)
-    device = _resolve_device(device)
+    chosen, config = _checked_config(method, config)
+    if _in_process_group():
+        return _merge_distributed(chosen, pretrained, finetuned, config, output, overwrite, max_shard_bytes,
+                                  model=model, heads=heads, data=data, forward=forward, device=device, seed=seed,
+                                  progress=progress_bar(progress), progress_file=progress_file)
+    result = _merge_here(chosen, pretrained, finetuned, config, device, seed, progress, progress_file,
+                         model=model, heads=heads, data=data, forward=forward)
+    if output is not None:
+        result.save(output, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+    return result
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _merge_distributed(chosen, pretrained, finetuned, config, output, overwrite, max_shard_bytes, *, model, heads,
+                       data, forward, device, seed, progress, progress_file) -> MergeResult:
+    from . import distributed
+
+    if chosen.needs_data:
+        return distributed.merge_calm(pretrained, finetuned, model=model, heads=heads, data=data, forward=forward,
+                                      config=config, output=output, seed=seed, device=device,
+                                      max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                                      progress_file=progress_file, progress=progress)
+    return distributed.merge_data_free(pretrained, finetuned, chosen.name, config, output, seed=seed, device=device,
+                                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def _merge_here(chosen, pretrained, finetuned, config, device, seed, progress, progress_file, *, model, heads,
+                data, forward) -> MergeResult:
+    device = resolve_device(device)
     bar = progress_bar(progress)
-    base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
+    base, tuned, keys = load_inputs(pretrained, finetuned, bar)
     torch.manual_seed(seed)
-    if method != "calm":
-        merged = baselines.merge_data_free(base, tuned, keys, method, config, device, bar)
-        return MergeResult(method, _as_output(merged, base), config=config)
-    architecture = _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data)
-    model = (copy.deepcopy(architecture) if model is None else model).to(device)
-    merger = CALMMerger(base, tuned, keys, model, heads, data, forward, config, device, seed, bar,
-                        None if progress_file is None else os.fspath(progress_file))
-    merged, masks, report = merger.run()
-    return MergeResult("calm", _as_output(merged, base), masks, report, config)
+    inputs = methods.MergeInputs(pretrained, base, tuned, keys, device, bar, seed, model, heads, data, forward,
+                                 None if progress_file is None else os.fspath(progress_file))
+    chosen.validate(config, len(tuned))
+    chosen.check_inputs(inputs)
+    merged = chosen.run(inputs, config)
+    return MergeResult(chosen.name, _as_output(merged.values, base), merged.masks, merged.report, config)
 
 
-def _checked_config(method: str, config):
-    if method not in METHODS:
-        raise ValueError(f"calm_fast: unknown method {method!r}; one of {METHODS}")
-    kind = CALMConfig if method == "calm" else baselines.DataFreeConfig
-    config = config or kind()
-    if not isinstance(config, kind):
-        raise TypeError(f"calm_fast: method {method!r} takes a {kind.__name__}, got {type(config).__name__}")
-    return config
-
-
-def _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data) -> torch.nn.Module:
-    """CALM's extra inputs: a head and data for every task, and the architecture (`model`, else
-    pretrained when that is a module) holding every merged key. Returns the architecture."""
-    for what, given in (("heads", heads), ("data", data)):
-        if given is None:
-            raise ValueError(f"calm_fast: method 'calm' needs {what} for every task")
-        missing = sorted(set(tuned) - set(given))
-        if missing:
-            raise ValueError(f"calm_fast: no {what[:-1] if what == 'heads' else what} for task(s) {missing}")
-    if model is None:
-        if not isinstance(pretrained, torch.nn.Module):
-            raise ValueError("calm_fast: method 'calm' needs `model` when pretrained is not an nn.Module")
-        model = pretrained
-    check_model(model, base, keys)
-    return model
+def _checked_config(method: str, config) -> tuple[methods.MergeMethod, object]:
+    """The registered method and its config (the defaults when None), of the right class."""
+    chosen = methods.get(method)
+    return chosen, chosen.config(config)
 
 
 def check(pretrained, finetuned, *, method: str = "calm", model=None, heads=None, data=None, config=None,
           progress: bool = False) -> dict:
     """Everything merge() validates, without merging: config, keys, shapes, dtypes, CALM's heads /
     data / model, and every tensor read once for NaN/Inf. Returns a summary of the merge."""
-    config = _checked_config(method, config)
-    if isinstance(config, CALMConfig):
-        config.validate()
+    chosen, config = _checked_config(method, config)
     bar = progress_bar(progress)
-    base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
-    if isinstance(config, baselines.DataFreeConfig):
-        config.validate(len(tuned), method)
-    else:
-        _checked_calm_inputs(pretrained, base, tuned, keys, model, heads, data)
+    base, tuned, keys = load_inputs(pretrained, finetuned, bar)
+    chosen.validate(config, len(tuned))
+    chosen.check_inputs(methods.MergeInputs(pretrained, base, tuned, keys, torch.device("cpu"), model=model,
+                                            heads=heads, data=data))
     every = [base, *tuned.values()]
     for weights in (bar(every, desc="reading") if bar else every):
         for key in keys:
@@ -171,10 +180,10 @@ def check(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
 
 def replay(pretrained, finetuned, masks_path, *, device=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Rebuild CALM's merged weights from base + task weights + a saved mask file, with no data."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     masks, _, _ = maskfile.read(masks_path)
     bar = progress_bar(progress)
-    base, tuned, keys = _load_inputs(pretrained, finetuned, bar)
+    base, tuned, keys = load_inputs(pretrained, finetuned, bar)
     maskfile.check_fits(masks, base, keys, tuned, masks_path)
     merged = {key: merged_parameter(key, base, tuned, masks.initial, masks.init_scaling,
                                     masks.steps(key, device), device)

@@ -141,16 +141,16 @@ def _quiet_root_logger():
 
 
 def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, *,
-              prefix: str = VISUAL_PREFIX) -> None:
+              prefix: str = VISUAL_PREFIX, kind: str = "open_clip") -> None:
     """Copy the entries under `prefix` into the model; each of the model's own must be given."""
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     missing, extra = sorted(set(own) - set(state)), sorted(k for k in state if k.startswith(prefix) and k not in own)
     if missing or extra:
-        raise CheckpointError(f"calm_fast: {what} does not fit the open_clip model: missing {missing[:3]}, "
+        raise CheckpointError(f"calm_fast: {what} does not fit the {kind} model: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
     for key, tensor in own.items():
         if state[key].shape != tensor.shape:
-            raise CheckpointError(f"calm_fast: {what} does not fit the open_clip model: {key} is "
+            raise CheckpointError(f"calm_fast: {what} does not fit the {kind} model: {key} is "
                                   f"{list(state[key].shape)}, the model's is {list(tensor.shape)}")
     with torch.no_grad():
         for key, tensor in own.items():
@@ -212,3 +212,55 @@ class Layout:
         model = clip_model(self.model, bool(base.quick_gelu), text=text)
         load_into(model, base.state, f"{base.path} (open_clip {self.model})")
         return model
+
+    # ---- what clip_tasks.CLIPTasks asks of a checkpoint form (hf_clip.HFLayout answers the same) ----
+    def feature_width(self, base: EncoderCheckpoint) -> int | None:
+        """Width of the image features the heads take (None: the checkpoint does not say)."""
+        proj = base.state.get("visual.proj")
+        return None if proj is None else proj.shape[-1]
+
+    def transform(self, model: torch.nn.Module):
+        """PIL image -> the model's input tensor: open_clip's eval transform."""
+        from .image_data import eval_transform
+
+        return eval_transform(model)
+
+    def encode(self, model: torch.nn.Module):
+        """images -> image features."""
+        return model.encode_image
+
+    def load(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+        load_into(model, state, what)
+
+    def read_weights(self, path: str) -> Mapping[str, torch.Tensor]:
+        """Weights to evaluate: an encoder .pt (read without pickled code), a merge output, a checkpoint."""
+        from .state import load_state_dict
+
+        return read_encoder(path, "weights").state if path.endswith(".pt") else \
+            dict(load_state_dict(path, what="weights").items())
+
+    def write_model_files(self, folder: str) -> None:
+        """Nothing beside the weights: open_clip needs no config next to them."""
+
+    def text_model(self, base: EncoderCheckpoint, text_tower: str | None):
+        """(CLIP with its text tower, the file it came from, tokenizer) for zero-shot heads."""
+        from ._open_clip import import_open_clip
+
+        source = read_encoder(text_tower, "text tower") if text_tower else base
+        if not source.has_text_tower:
+            raise CheckpointError(f"calm_fast: zero-shot heads need CLIP's text tower, and {source.path} has none "
+                                  "(task_vectors' ImageEncoder drops it); give text_tower: an open_clip "
+                                  f"{self.model} checkpoint that holds it (--text-tower)")
+        model = clip_model(self.model, bool(base.quick_gelu), text=True)
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith(VISUAL_PREFIX)}
+        missing = sorted(set(own) - set(source.state))
+        if missing:
+            raise CheckpointError(f"calm_fast: text tower {source.path} lacks {missing[:3]} of open_clip {self.model}")
+        with torch.no_grad():
+            for key, tensor in own.items():
+                if source.state[key].shape != tensor.shape:
+                    raise CheckpointError(f"calm_fast: text tower {source.path}: {key} is "
+                                          f"{list(source.state[key].shape)}, open_clip {self.model}'s is "
+                                          f"{list(tensor.shape)}")
+                tensor.copy_(source.state[key])
+        return model, source.path, import_open_clip().get_tokenizer(self.model)

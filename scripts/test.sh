@@ -22,6 +22,7 @@ step "CPU environment"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip_install .venv -r requirements/cpu.txt
 pip_install .venv --no-deps -r requirements/bench-cpu.txt
+pip_install .venv --no-deps -r requirements/hf.txt  # the hf extra: transformers for tests/test_hf_clip.py
 logged build/cpu-build.log pip_install .venv --no-build-isolation --no-deps -e .
 
 step "CMake build of the native modules (CPU)"

@@ -110,3 +110,16 @@ def make_vit_tasks(num_tasks=3, examples=192, seed=0):
         finetuned[name], heads[name] = model.eval(), head.requires_grad_(False)
         data[name] = [({"pixel_values": x[i:i + 64]}, y[i:i + 64]) for i in range(0, examples, 64)]
     return pretrained.eval(), finetuned, heads, data
+
+
+def differing_mask_bits(a, b) -> tuple[int, int]:
+    """(mask bits that differ, mask bits in all) between two maskfile.Masks of the same merge."""
+    from calm_fast.ops import unpack_mask
+
+    differing = total = 0
+    for task, bits in a.bits.items():
+        for key, want in bits.items():
+            numel = torch.Size(a.parameters[key]).numel()
+            differing += int((unpack_mask(b.bits[task][key], numel) != unpack_mask(want, numel)).sum())
+            total += numel
+    return differing, total

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_fixtures import differing_mask_bits
 from safetensors.torch import save_file
 
 import calm_fast
 from calm_fast import config as config_file
+from calm_fast import maskfile
 from calm_fast.checkpoint import read_checkpoint
 from calm_fast.cli import main
 
@@ -251,7 +253,20 @@ def test_data_free_merge_under_torchrun_equals_one_process(toy, tmp_path, method
     assert all(torch.equal(written[k], v) for k, v in expected.state_dict.items())
 
 
-def test_calm_under_torchrun_says_it_runs_in_one_process(toy, tmp_path):
+def test_calm_under_torchrun_writes_what_one_process_writes(cli, toy, tmp_path):
+    """Two ranks on the model sharded by FSDP2: the same files, order and masks as one process."""
+    (tmp_path / "one").mkdir()
+    code, _, err = cli("merge", _config(toy, tmp_path / "one"), "--quiet")
+    assert code == 0, err
     run = _torchrun(_config(toy, tmp_path), tmp_path)
-    assert run.returncode != 0 and "CALM does not run across processes yet" in run.stdout + run.stderr
-    assert not (tmp_path / "out").exists()
+    assert run.returncode == 0, run.stdout + run.stderr
+    one, two = (folder / "out" / "merged" for folder in (tmp_path / "one", tmp_path))
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert not list((tmp_path / "out").glob("*.progress.safetensors"))  # removed once the merge is written
+    reports = [json.loads((folder / "report.json").read_text())["report"] for folder in (one, two)]
+    assert reports[1]["sequential"] == reports[0]["sequential"] == ["south", "west"]
+    assert reports[1]["pseudo_labels"] == reports[0]["pseudo_labels"]
+    masks = [maskfile.read(str(folder / "masks.safetensors"))[0] for folder in (one, two)]
+    differing, total = differing_mask_bits(*masks)
+    print(f"{differing} of {total} mask bits differ")
+    assert differing <= 1e-3 * total, (differing, total)

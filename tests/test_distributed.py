@@ -1,10 +1,7 @@
 """calm_fast.distributed on CPU with gloo, 2 processes (tests/distributed_worker.py per rank):
 the distributed select against the single-process one, data-free merges bit-identical to
 calm_fast.merge(), and the errors of disagreeing, failing, killed and hung ranks."""
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,40 +13,17 @@ from calm_fast.checkpoint import read_checkpoint
 from calm_fast.distributed import partition, shard_plan
 from conftest import SESSION_SEED
 
+from distributed_launch import finished, start_ranks
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD = 2
+
+
+def launch(mode, tmp_path, *args, **kw):
+    return start_ranks(WORKER, WORLD, mode, tmp_path, *args, **kw)
 METHODS = {"average": None, "task_arithmetic": calm_fast.DataFreeConfig(scaling=0.4),
            "ties": calm_fast.DataFreeConfig(density=0.3),
            "consensus": calm_fast.DataFreeConfig(tall_lambda=0.7, min_votes=2)}  # as in the worker
-
-
-def launch(mode, tmp_path, *args, timeout_s=20, wait_for=range(WORLD), wait_s=180):
-    """Start WORLD ranks of the worker; wait for the ranks in `wait_for`, kill the others.
-    Returns rank -> (exit code, output, the JSON the rank wrote or None)."""
-    out = tmp_path / f"{mode}-results"
-    out.mkdir()
-    env = {**os.environ, "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1", "CALM_FAST_TEST_TIMEOUT": str(timeout_s)}
-    command = [sys.executable, str(WORKER), mode, str(tmp_path / f"{mode}.store"), str(out), *map(str, args)]
-    procs = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
-    results = {}
-    try:
-        for rank in wait_for:
-            output, _ = procs[rank].communicate(timeout=wait_s)
-            path = out / f"rank{rank}.json"
-            results[rank] = (procs[rank].returncode, output, json.loads(path.read_text()) if path.exists() else None)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
-
-
-def finished(results, rank=0):
-    code, output, found = results[rank]
-    assert code == 0 and found is not None, f"rank {rank} exited {code}:\n{output}"
-    return found
 
 
 def _model(gen):

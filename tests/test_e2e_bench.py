@@ -1,4 +1,4 @@
-"""The end-to-end benchmark (benchmarks/e2e_calm.py) on a tiny open_clip ViT tower, on the CPU.
+"""The end-to-end benchmark (benchmarks/e2e, `python -m benchmarks.e2e`) on a tiny open_clip ViT tower, on the CPU.
 
 It must run all three variants ((a) the authors' data-movement scheme, (b) eager PyTorch with the
 state on the device, (c) calm_fast.merge), write a report with every field, feed (b) and (c)
@@ -7,15 +7,15 @@ Needs open_clip_torch (and torchvision); skipped where it is not installed.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from calm_fast._source_tree import import_subpackage
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
                                 reason="open_clip_torch is not installed")
 
@@ -25,11 +25,7 @@ TINY = ["--config", "cpu-small", "--vision-width", "64", "--vision-layers", "2",
 
 
 def _load_runner():
-    spec = importlib.util.spec_from_file_location("e2e_calm", ROOT / "benchmarks" / "e2e_calm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["e2e_calm"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"{import_subpackage('benchmarks').__name__}.e2e.run")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def test_report_has_every_field(run):
     for key in ("device", "device_type", "driver", "torch", "triton", "open_clip_torch", "command",
                 "calm_fast_backend", "date", "cores"):
         assert key in meta, key
-    assert meta["command"].startswith("python benchmarks/e2e_calm.py --config cpu-small")
+    assert meta["command"].startswith("python -m benchmarks.e2e --config cpu-small")
     work = saved["workload"]
     assert work["num_params"] > 0 and work["param_bytes"] == 4 * work["num_params"]
     assert work["sequential"] == ["task2", "task3"] and work["updates"] == 2

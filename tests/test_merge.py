@@ -118,7 +118,7 @@ def test_initial_mask_is_exact_top_k(disjoint):
     merger = CALMMerger(pre.state_dict(), {k: v.state_dict() for k, v in ft.items()},
                         [k for k, v in pre.state_dict().items() if v.is_floating_point()],
                         BranchNet(4), heads, data, None, config, torch.device("cpu"), 0, None)
-    logits, _ = merger._init_step("task3")
+    logits, _ = merger.begin_step("task3")
     tau = torch.cat([(ft["task3"].state_dict()[k] - pre.state_dict()[k]).flatten() for k in logits])
     k = int(0.01 * tau.numel())
     chosen = torch.cat([(s > 0).flatten() for s in logits.values()])
@@ -138,9 +138,9 @@ def test_fused_update_matches_authors_loop(disjoint):
     merger = CALMMerger(pre_sd, ft_sd, keys, BranchNet(4), heads, data, None, config, torch.device("cpu"), 0, None)
     merger.pseudo_label()
     merger.choose_order()
-    merger._load_merged(merger.report.initial)
+    merger.load_merged(merger.report.initial)
     base = {k: t.detach().clone() for k, t in merger.tensors.items()}
-    logits0, _ = merger._init_step("task3")
+    logits0, _ = merger.begin_step("task3")
     S = {k: s.clone() for k, s in logits0.items()}
     delta = {k: ft_sd["task3"][k] - base[k] for k in keys}
     model = BranchNet(4)

@@ -1,7 +1,9 @@
-"""benchmarks/scaling.py: the sweep at its smallest size runs and writes every field; the fits and
-claims logic on made-up numbers. No timing asserts. The sweep needs open_clip_torch."""
+"""benchmarks/scaling (`python -m benchmarks.scaling`): the sweep at its smallest size runs and
+writes every field; the fits and claims logic on made-up numbers. No timing asserts. The sweep
+needs open_clip_torch."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -11,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from calm_fast._source_tree import import_subpackage
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _scaling():
-    spec = importlib.util.spec_from_file_location("scaling_bench", ROOT / "benchmarks" / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The sweep's fits and claims (benchmarks/scaling/fits.py)."""
+    return importlib.import_module(f"{import_subpackage('benchmarks').__name__}.scaling.fits")
 
 
 def test_fit_power_recovers_exponents():
@@ -59,7 +61,7 @@ def test_claims_on_made_up_rows():
 
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip_torch is not installed")
 def test_quick_sweep_writes_every_field(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick", "--device", "cpu",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--quick", "--device", "cpu",
                           "--out", str(tmp_path), "--name", "scaling_test"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -68,7 +70,7 @@ def test_quick_sweep_writes_every_field(tmp_path):
     meta = payload["metadata"]
     for key in ("device", "device_type", "cores", "torch", "open_clip_torch", "loadavg_start", "loadavg_end", "date"):
         assert key in meta, key
-    assert payload["command"].startswith("python benchmarks/scaling.py --quick")
+    assert payload["command"].startswith("python -m benchmarks.scaling --quick")
     assert set(payload["grid"]) == {"tasks", "size", "pool"}
     rows = {r["method"]: r for r in payload["rows"]}
     assert set(rows) == {"calm", "task_arithmetic", "ties", "consensus"}

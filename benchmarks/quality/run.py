@@ -19,15 +19,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/quality/run.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    __package__ = "benchmarks.quality"  # noqa: A001
-
 import torch
 
 import calm_fast
 from calm_fast import sampling
 
+from .. import harness
 from . import recipes
 from .data import REPO, TASKS, MissingSource, load_task, subsample
 from .evaluate import accuracy
@@ -228,7 +225,7 @@ def run(size: str = "ci", device: str = "cpu", only=None, log=print, retrain: bo
 
 
 def _environment(device) -> dict:
-    env = {"loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    env = {"loadavg_1min_at_end": harness.loadavg() if hasattr(os, "getloadavg") else None,
            "torch": torch.__version__, "calm_fast": calm_fast.__version__, "native": calm_fast.NATIVE,
            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
            "machine": platform.machine()}
@@ -352,11 +349,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def write(res: dict, out_dir: Path = RESULTS, stem: str | None = None) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or f"quality_{res['size']}"
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(res, indent=2) + "\n")
-    paths[1].write_text(markdown(res))
+    paths = [*harness.write_results(out_dir, stem, res, markdown(res)), out_dir / f"{stem}.png"]
     try:
         plot(res, paths[2])
     except ImportError as exc:  # matplotlib is a dependency of the plot only

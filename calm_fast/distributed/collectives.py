@@ -68,9 +68,18 @@ def collective(what: str, fn: Callable, group=None):
     except DistributedMergeError:
         raise
     except RuntimeError as exc:  # DistBackendError, gloo's "Connection closed by peer", timeouts
-        who = _stragglers(store, call, group) if store is not None else "another rank exited or hung"
-        raise DistributedMergeError(f"calm_fast: rank {dist.get_rank(group)}: {what}: the collective failed: "
-                                    f"{who} ({exc})") from exc
+        raise lost_peer(what, exc, call, group) from exc
+
+
+def lost_peer(what: str, exc: Exception, call: int | None = None, group=None) -> DistributedMergeError:
+    """The error for a collective that failed in `what` (calm_fast's collective number `call`, or
+    one of torch's own, FSDP's, after the last of ours): this rank, the step, and which ranks
+    fell behind, from what each last wrote to the store."""
+    store = _store()
+    call = next(_calls) - 1 if call is None else call
+    who = _stragglers(store, call, group) if store is not None else "another rank exited or hung"
+    return DistributedMergeError(f"calm_fast: rank {dist.get_rank(group)}: {what}: the collective failed: "
+                                 f"{who} ({exc})")
 
 
 def gather_objects(obj, what: str, group=None) -> list:
@@ -131,7 +140,7 @@ def agree(fields: dict, what: str, group=None) -> None:
 
 
 def normalized_step_size(local_sumsq: torch.Tensor, local_count: int, step_size: float, group=None) -> float:
-    """CALM's normalized step (calm.CALMMerger._step_size) over parameter shards: step_size / RMS of
+    """CALM's normalized step (calm_fast.calm.step_size) over parameter shards: step_size / RMS of
     the logit step's gradient term. Each rank passes its Σ(g·δ·σ'(S))² over its shards (the fp32
     sum of ops.mask_grad_sumsq) and how many scalars that covered; one all_gather of the pair.
     The sums are added in rank order in fp32, not by an all-reduce whose order is the backend's:

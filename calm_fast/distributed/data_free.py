@@ -11,18 +11,17 @@ on disk (`output` must be on a filesystem every rank sees).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
-import torch
 import torch.distributed as dist
 
-from .. import state
-from ..baselines import DATA_FREE_METHODS, DataFreeConfig, merge_data_free as merge_keys, task_vectors
-from ..checkpoint import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, atomic_directory,
-                          plan_shards, read_checkpoint, spec)
-from .collectives import DistributedMergeError, agree, gather_checked, run_checked
+from .. import methods, state
+from ..baselines import DataFreeConfig, task_vectors
+from ..baselines import merge_data_free as merge_keys
+from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, plan_shards, read_checkpoint, shard_names, spec, write_index
+from ..merge import REPORT_FILE, MergeResult, report_json, resolve_device
+from .collectives import agree, run_checked
+from .output import output_path, publish
 from .select import magnitude_threshold
 
 
@@ -43,18 +42,16 @@ def shard_plan(runs: list[list[str]], sizes: dict[str, int], max_shard_bytes: in
     as checkpoint.write_safetensors_dir names it."""
     parts = [(rank, keys) for rank, run in enumerate(runs)
              for keys in plan_shards({k: sizes[k] for k in run}, max_shard_bytes) if keys] or [(0, [])]
-    if len(parts) == 1:
-        return [(parts[0][0], SAFETENSORS_SINGLE, parts[0][1])]
-    return [(rank, f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors", keys) for i, (rank, keys) in enumerate(parts)]
+    return [(rank, name, keys) for (rank, keys), name in zip(parts, shard_names(len(parts)))]
 
 
-def _load(pretrained, finetuned, method: str, config: DataFreeConfig, output: str, overwrite: bool):
+def _load(pretrained, finetuned, method: methods.MergeMethod, config: DataFreeConfig, output: str, overwrite: bool):
     """What merge() validates, on each rank: keys, shapes, dtypes, config; and a free output."""
     tasks = state.named_tasks(finetuned)
     base = state.load_state_dict(pretrained, what="pretrained")
     tuned = {name: state.load_state_dict(src, what=f"task {name!r}") for name, src in tasks.items()}
     keys = state.validate(base, tuned)
-    config.validate(len(tuned), method)
+    method.validate(config, len(tuned))
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"calm_fast: {output} exists; pass overwrite=True to replace it")
     return base, tuned, keys
@@ -73,6 +70,14 @@ def _ties_thresholds(base, tuned, mine, every, density: float, device, group) ->
     return thresholds
 
 
+def _arguments(method: str, config, output, device):
+    """(the method, its config, output as an absolute path, the device), checked."""
+    chosen = methods.get(method)
+    if chosen.needs_data:
+        raise ValueError(f"calm_fast: {method!r} is not a data-free method; one of {methods.DATA_FREE}")
+    return chosen, chosen.config(config), output_path(output), resolve_device(device)
+
+
 def merge_data_free(pretrained, finetuned, method: str = "task_arithmetic", config: DataFreeConfig | None = None,
                     output=None, *, seed: int = 0, device=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     overwrite: bool = False, group=None):
@@ -88,20 +93,11 @@ def merge_data_free(pretrained, finetuned, method: str = "task_arithmetic", conf
     Returns a MergeResult whose state_dict reads the written output lazily.
     """
     from .. import __version__
-    from ..merge import REPORT_FILE, MergeResult, report_json  # here, not at the top: merge.py calls into this module
 
-    if method not in DATA_FREE_METHODS:
-        raise ValueError(f"calm_fast: {method!r} is not a data-free method; one of {DATA_FREE_METHODS}")
-    config = config or DataFreeConfig()
-    if not isinstance(config, DataFreeConfig):
-        raise TypeError(f"calm_fast: method {method!r} takes a DataFreeConfig, got {type(config).__name__}")
-    if output is None:
-        raise ValueError("calm_fast: a distributed merge writes its result: pass output=")
-    output = os.path.abspath(os.fspath(output))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chosen, config, output, device = _arguments(method, config, output, device)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     base, tuned, keys = run_checked("loading the inputs",
-                                    lambda: _load(pretrained, finetuned, method, config, output, overwrite), group)
+                                    lambda: _load(pretrained, finetuned, chosen, config, output, overwrite), group)
     specs = {key: spec(base, key) for key in base}
     agree({"method": method, "config": repr(config), "seed": seed, "tasks": list(tuned), "output": output,
            "max_shard_bytes": max_shard_bytes, "overwrite": overwrite, "calm_fast": __version__,
@@ -113,7 +109,7 @@ def merge_data_free(pretrained, finetuned, method: str = "task_arithmetic", conf
     plan = shard_plan(runs, sizes, max_shard_bytes)
     merged = set(keys)
     thresholds = None
-    if method == "ties":
+    if chosen.needs_thresholds:
         mine = [key for key in runs[rank] if key in merged]
         thresholds = _ties_thresholds(base, tuned, mine, keys, config.density, device, group)
 
@@ -124,33 +120,19 @@ def merge_data_free(pretrained, finetuned, method: str = "task_arithmetic", conf
         carried from pretrained; only this shard's merged tensors are held."""
         from safetensors.torch import save_file
 
-        values = merge_keys(base, tuned, [key for key in shard if key in merged], method, config, device,
+        values = merge_keys(base, tuned, [key for key in shard if key in merged], chosen, config, device,
                             thresholds=thresholds)
         out = {key: (values.pop(key) if key in merged else base[key]).to("cpu", specs[key][1]).contiguous()
                for key in shard}
         save_file(out, os.path.join(folder, name), metadata=header)
 
-    def fill(folder: str | None) -> None:
-        """Runs on every rank; on rank 0 inside atomic_directory, which renames `folder` into
-        place once this returns, and removes it when this raises (as it does on every rank when
-        any rank fails)."""
-        folder = gather_checked("sharing the output folder", lambda: folder, group)[0]
-        try:
-            run_checked("writing shards", lambda: [write_shard(folder, name, shard)
-                                                   for owner, name, shard in plan if owner == rank], group)
-        except DistributedMergeError:
-            shutil.rmtree(folder, ignore_errors=True)  # on every rank: none returns before it is gone
-            raise
+    def write(folder: str) -> None:
+        run_checked("writing shards", lambda: [write_shard(folder, name, shard)
+                                               for owner, name, shard in plan if owner == rank], group)
         if rank == 0:
-            if len(plan) > 1:
-                index = {"metadata": {"total_size": sum(sizes.values())},
-                         "weight_map": {key: name for _, name, shard in plan for key in shard}}
-                with open(os.path.join(folder, SAFETENSORS_INDEX), "w") as f:
-                    json.dump(index, f, indent=2)
-            result = MergeResult(method, {}, config=config)
+            write_index(folder, [(name, shard) for _, name, shard in plan], sum(sizes.values()))
             with open(os.path.join(folder, REPORT_FILE), "w") as f:
-                f.write(report_json(result))
+                f.write(report_json(MergeResult(method, {}, config=config)))
 
-    run_checked("publishing the output",
-                lambda: atomic_directory(output, fill, overwrite=overwrite) if rank == 0 else fill(None), group)
+    publish(output, write, overwrite=overwrite, group=group)
     return MergeResult(method, read_checkpoint(output, "merged"), config=config)

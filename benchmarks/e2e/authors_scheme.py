@@ -34,10 +34,7 @@ import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ..harness import sync
 
 
 # make_functional / load_weights of src/main.py and set_attr of MaskMerging
@@ -120,7 +117,7 @@ class AuthorsMaskMerging:
         criterion = torch.nn.CrossEntropyLoss()
         sigmoid = torch.nn.Sigmoid()
         lr, cfg, dev = self.cfg.step_size, self.cfg, self.device
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         fwd_bwd = 0.0
         total_grad, first_batch = [], 0
@@ -130,13 +127,13 @@ class AuthorsMaskMerging:
             classification_head.to(dev)
             for idx in range(cfg.batches_per_task):  # the scripts: enumerate(loader) ... if idx > 0: break
                 x, y = self.sampler.next(dataset_name)
-                _sync(dev)
+                sync(dev)
                 t0 = time.perf_counter()
                 features = self.model(x)
                 outputs = classification_head(features)
                 loss = criterion(outputs, y)
                 loss.backward()
-                _sync(dev)
+                sync(dev)
                 fwd_bwd += time.perf_counter() - t0
                 for n, p in self.model.named_parameters():
                     if n in self.trainable_name:
@@ -161,7 +158,7 @@ class AuthorsMaskMerging:
                 derivative = sigmoid(p) * (1 - sigmoid(p))
                 reg_term = cfg.l1 * torch.where(p > 0, derivative, -derivative)
                 p -= g * derivative - reg_term
-        _sync(dev)
+        sync(dev)
         total = time.perf_counter() - start
         self.timings.append({"fwd_bwd_s": fwd_bwd, "elementwise_s": total - fwd_bwd, "total_s": total})
 
@@ -183,6 +180,22 @@ class AuthorsMaskMerging:
         return tuple(paramlist_curr), binary
 
 
+def task_vector(problem, names, task):
+    """TaskVector(pretrained, finetuned).vector of the scripts, in `names` order, on the CPU."""
+    with torch.no_grad():
+        return tuple((problem.finetuned[task][n] - problem.theta0[n]).detach().requires_grad_().cpu()
+                     for n in names)
+
+
+def initial_merge(problem, names):
+    """Step 0 of main.py: task arithmetic over the initial group, prior 0.3, on the CPU."""
+    initial_tvs = [task_vector(problem, names, task) for task in problem.initial]
+    rlambdas = torch.ones(1, len(initial_tvs)) * problem.config.init_scaling
+    with torch.no_grad():
+        return tuple(sum(tuple(pi * lambdasi for pi, lambdasi in zip(p, rlambdas[0])))
+                     for p in zip(*initial_tvs))
+
+
 def run(problem, sampler) -> dict:
     """The authors' sequential framework over problem.initial / problem.sequential.
 
@@ -200,20 +213,8 @@ def run(problem, sampler) -> dict:
     if missing:
         raise KeyError(f"authors scheme: parameters without merge key: {missing[:5]}")
     pretrained = tuple(problem.theta0[n].detach().requires_grad_().cpu() for n in names)
-
-    def task_vector(task):  # TaskVector(pretrained, finetuned).vector, in `names` order
-        with torch.no_grad():
-            return tuple((problem.finetuned[task][n] - problem.theta0[n]).detach().requires_grad_().cpu()
-                         for n in names)
-
-    # step 0 of main.py: task arithmetic over the initial group, prior 0.3, on the CPU
-    initial_tvs = [task_vector(task) for task in problem.initial]
-    rlambdas = torch.ones(1, len(initial_tvs)) * cfg.init_scaling
-    with torch.no_grad():
-        best_param = [tuple(sum(tuple(pi * lambdasi for pi, lambdasi in zip(p, rlambdas[0])))
-                            for p in zip(*initial_tvs))]
-    del initial_tvs
-    _sync(dev)
+    best_param = [initial_merge(problem, names)]
+    sync(dev)
     phases["setup_and_initial_merge_s"] = time.perf_counter() - t
 
     masks, updates, selected_at_init = {}, [], {}
@@ -222,10 +223,10 @@ def run(problem, sampler) -> dict:
     for step, task in enumerate(problem.sequential):
         seen.append(task)
         t = time.perf_counter()
-        paramslist = [pretrained, best_param[-1], task_vector(task)]
+        paramslist = [pretrained, best_param[-1], task_vector(problem, names, task)]
         mm = AuthorsMaskMerging(paramslist, model, names, problem.heads, list(seen), cfg, dev, sampler)
         selected_at_init[task] = mm.selected_at_init
-        _sync(dev)
+        sync(dev)
         phases["mask_init_s"] += time.perf_counter() - t
         t = time.perf_counter()
         for update in range(cfg.updates):
@@ -246,7 +247,7 @@ def run(problem, sampler) -> dict:
     t = time.perf_counter()
     with torch.no_grad():
         final = [(p0 + tm).to(dev) for p0, tm in zip(pretrained, best_param[-1])]
-    _sync(dev)
+    sync(dev)
     phases["final_model_s"] = time.perf_counter() - t
     del final, model, best_param, pretrained
     return {"phases": phases, "updates": updates, "masks": masks, "no_grad_keys": {},

@@ -24,10 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ..harness import sync
 
 
 def _reg(S, dsig, cfg):
@@ -141,7 +138,7 @@ def run(problem, sampler) -> dict:
     t = time.perf_counter()
     eager = EagerCALM(problem, sampler)
     eager.initial_merge(problem.initial)
-    _sync(dev)
+    sync(dev)
     phases["setup_and_initial_merge_s"] = time.perf_counter() - t
     phases["mask_init_s"] = phases["updates_s"] = phases["mask_finalize_s"] = 0.0
     masks, no_grad_keys, updates = {}, {}, []
@@ -150,15 +147,15 @@ def run(problem, sampler) -> dict:
         seen.append(task)
         t = time.perf_counter()
         eager.init_step(task)
-        _sync(dev)
+        sync(dev)
         phases["mask_init_s"] += time.perf_counter() - t
         for update in range(cfg.updates):
             t0 = time.perf_counter()
             eager.forward_backward(seen)
-            _sync(dev)
+            sync(dev)
             t1 = time.perf_counter()
             eager.mask_step()
-            _sync(dev)
+            sync(dev)
             t2 = time.perf_counter()
             updates.append({"step": step, "task": task, "update": update, "seen": len(seen),
                             "batches": len(seen) * cfg.batches_per_task,
@@ -166,13 +163,13 @@ def run(problem, sampler) -> dict:
             phases["updates_s"] += t2 - t0
         t = time.perf_counter()
         masks[task], no_grad_keys[task] = eager.finalize()
-        _sync(dev)
+        sync(dev)
         phases["mask_finalize_s"] += time.perf_counter() - t
     t = time.perf_counter()
     with torch.no_grad():  # final model: θ0 + τ_merged
         for k, tensor in eager.tensors.items():
             tensor.data.copy_(eager.base[k])
-    _sync(dev)
+    sync(dev)
     phases["final_model_s"] = time.perf_counter() - t
     del eager
     return {"phases": phases, "updates": updates, "masks": masks, "no_grad_keys": no_grad_keys}

@@ -3,8 +3,8 @@ each calm_fast op. One function per op, same inputs as the calm_fast op (calm_fa
 
 These are deliberately NOT optimised: separate kernels, N-sized temporaries, torch.stack /
 torch.cat of whole models, in the style of github.com/yankd22/CALM (src/mask_merging.py) and
-the usual TIES / TALL-mask merging scripts. They are the "eager" column of bench_ops.py, and
-torch.compile of these same functions is its "compile" column.
+the usual TIES / TALL-mask merging scripts. They are the "eager" column of the op benchmark
+(benchmarks/ops), and torch.compile of these same functions is its "compile" column.
 
 They compute the same function as calm_fast.reference up to summation order, with two
 documented differences:

@@ -1,0 +1,63 @@
+"""CALM's hyper-parameters: the authors' values, except the scale-free step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STEP_RULES = ("normalized", "authors")
+ACCUMULATIONS = ("sum", "mean")
+ORDERS = ("given", "auto")
+REGULARIZERS = ("polarize", "l1", "none")
+
+
+@dataclass(frozen=True)
+class CALMConfig:
+    """Hyper-parameters; defaults are the authors' values except the scale-free step."""
+
+    initial: tuple[str, ...] | None = None  # tasks merged by task arithmetic (G0)
+    sequential: tuple[str, ...] | None = None  # tasks added one by one with a learned mask
+    order: str = "given"  # "auto": choose the sequential tasks from pseudo-label agreement
+    num_sequential: int = 2  # how many sequential tasks when they are not named
+    init_scaling: float = 0.3  # λ of the task arithmetic over G0
+    ratio: float = 0.9  # CB-EMS: fraction of each predicted class kept
+    balanced: bool = True  # False: plain EMS (lowest entropy over the whole task)
+    sparsity: float = 1e-5  # initial mask: top-k of |τj|, k = floor(sparsity · N)
+    sigmoid_bias: float = 5.0  # initial logits ±b
+    updates: int = 100  # mask updates per sequential task
+    batches_per_task: int = 2  # mini-batches per seen task in each update
+    batch_size: int = 128
+    step: str = "normalized"  # "normalized": lr is the RMS of the logit step; "authors": raw lr
+    lr: float | None = None  # defaults: 1.0 (normalized), 1e7 (authors)
+    reg: str = "polarize"  # the authors' sign(S)·σ'(S) term; "l1": true L1 on σ(S); "none"
+    l1: float = 1.0
+    accumulate: str = "sum"  # the authors sum gradients over an update's batches; or "mean"
+    delta_dtype: torch.dtype = torch.float32
+    autocast: bool = False  # bf16 autocast for forward/backward
+    score_batch_size: int = 256
+
+    @property
+    def step_size(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.step == "normalized" else 1e7
+
+    def validate(self) -> None:
+        def bad(field_name, value, allowed):
+            raise ValueError(f"calm_fast: CALMConfig.{field_name} must be {allowed}, got {value!r}")
+
+        for name, allowed in (("order", ORDERS), ("step", STEP_RULES), ("accumulate", ACCUMULATIONS),
+                              ("reg", REGULARIZERS)):
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), f"one of {allowed}")
+        if not 0.0 < self.ratio <= 1.0:
+            bad("ratio", self.ratio, "in (0, 1]")
+        if not 0.0 <= self.sparsity <= 1.0:
+            bad("sparsity", self.sparsity, "in [0, 1]")
+        if self.delta_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            bad("delta_dtype", self.delta_dtype, "float32, bfloat16 or float16")
+        for name in ("updates", "batches_per_task", "batch_size", "score_batch_size"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), ">= 1")
+        if self.step_size <= 0:
+            bad("lr", self.lr, "> 0")

@@ -1,0 +1,39 @@
+"""Start the ranks of a distributed test worker as processes on this machine (gloo, a file store)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def start_ranks(worker, world, mode, tmp_path, *args, timeout_s=20, wait_for=None, wait_s=180, name=None):
+    """Start `world` ranks of `worker`; wait for the ranks in `wait_for` (all by default), kill
+    the others. Each rank gets RANK, WORLD_SIZE and CALM_FAST_TEST_TIMEOUT (the process group's
+    timeout, seconds) and one thread. Returns rank -> (exit code, output, the JSON the rank
+    wrote or None)."""
+    name = name or mode
+    out = tmp_path / f"{name}-results"
+    out.mkdir()
+    env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", "CALM_FAST_TEST_TIMEOUT": str(timeout_s)}
+    command = [sys.executable, str(worker), mode, str(tmp_path / f"{name}.store"), str(out), *map(str, args)]
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+    results = {}
+    try:
+        for rank in (range(world) if wait_for is None else wait_for):
+            output, _ = procs[rank].communicate(timeout=wait_s)
+            path = out / f"rank{rank}.json"
+            results[rank] = (procs[rank].returncode, output, json.loads(path.read_text()) if path.exists() else None)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def finished(results, rank=0):
+    code, output, found = results[rank]
+    assert code == 0 and found is not None, f"rank {rank} exited {code}:\n{output}"
+    return found
