@@ -43,6 +43,7 @@ Every error names the field and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import importlib
 import importlib.util
 import os
@@ -155,8 +156,10 @@ def _source(folder: str, value, name: str):
 
 
 def _coerce(cls, name: str, value):
-    """A YAML value into the type CALMConfig / DataFreeConfig declares for field `name`."""
+    """A YAML value into the type a method's config class declares for field `name` (as written,
+    or as a type where the class's module does not postpone annotations)."""
     kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    kind = kind if isinstance(kind, str) else inspect.formatannotation(kind)
     where = f"options.{name}"
     if kind == "torch.dtype":
         if value not in DTYPES:
