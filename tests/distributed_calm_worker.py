@@ -63,7 +63,7 @@ def initial(folder):
     base, tuned = read_checkpoint(pretrained), {t: read_checkpoint(p) for t, p in finetuned.items()}
     keys = [k for k in base if base.spec(k)[1].is_floating_point]
     cpu = torch.device("cpu")
-    sharded_model = shard_model(copy.deepcopy(model))
+    sharded_model = shard_model(copy.deepcopy(model), cpu)
     layout = ShardedLayout(sharded_model)
     whole = CALMMerger(base, tuned, keys, model, heads, data, forward, config, cpu, 0, None)
     sharded = CALMMerger(base, tuned, keys, sharded_model, heads, data, None, config, cpu, 0, None, layout=layout)

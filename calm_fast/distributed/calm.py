@@ -105,7 +105,7 @@ def merge_calm(pretrained, finetuned, *, heads, data, output, model=None, forwar
         calm.validate(config, len(tuned))
         inputs = methods.MergeInputs(pretrained, base, tuned, keys, device, model=model, heads=heads, data=data)
         architecture = calm.architecture(inputs)
-        sharded = shard_model((copy.deepcopy(architecture) if model is None else model).to(device), group)
+        sharded = shard_model(copy.deepcopy(architecture) if model is None else model, device, group)
         return base, tuned, keys, sharded
 
     base, tuned, keys, sharded = run_checked("loading the inputs", load, group)

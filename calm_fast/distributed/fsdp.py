@@ -20,14 +20,15 @@ from .collectives import collective, comm_device, gather_objects, normalized_ste
 from .select import magnitude_threshold
 
 
-def shard_model(model: torch.nn.Module, group=None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device, group=None) -> torch.nn.Module:
     """fully_shard on every block of the model's ModuleLists (the transformer layers: in forward
     and backward one block at a time is whole) and on the root, over a 1-D mesh of the group's
-    ranks. 0-d parameters, which fully_shard refuses, stay whole on every rank."""
+    ranks on `device`'s type. fully_shard moves each unit to the device as it shards it, so a
+    model built on the host is never whole on the device. 0-d parameters, which fully_shard
+    refuses, stay whole on every rank (moved to the device here)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    device = next(iter(model.parameters())).device
     mesh = DeviceMesh(device.type, dist.get_process_group_ranks(group) if group is not None
                       else list(range(dist.get_world_size())))
     blocks = [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
@@ -36,6 +37,10 @@ def shard_model(model: torch.nn.Module, group=None) -> torch.nn.Module:
         # resharded after every forward, the root too: CALM writes the shards between forwards
         # (each task's weights for its pseudo-labels), which a kept whole copy would not see
         fully_shard(module, mesh=mesh, ignored_params=scalars or None, reshard_after_forward=True)
+    for module in model.modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and not isinstance(tensor, DTensor):
+                tensor.data = tensor.data.to(device)
     return model
 
 
