@@ -15,7 +15,6 @@ Output: benchmarks/results/distributed_memory_cpu.{json,md} (or --out DIR).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -102,15 +101,10 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.ranks_parser(__doc__, RESULTS, ("--spec", "--method", "--store", "--scratch", "--output"))
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--model-mb", type=float, default=64)
-    parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "consensus"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--spec", "--method", "--store", "--scratch", "--output"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)

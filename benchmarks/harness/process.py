@@ -2,10 +2,12 @@
 are its own: the child prints one RESULT line of JSON, the parent reads it back."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .metadata import ROOT
 
@@ -34,3 +36,15 @@ def finish(proc: subprocess.Popen, what: str, timeout: float | None = None) -> d
 
 def run_fresh(module: str, args: list[str], what: str, env: dict | None = None) -> dict:
     return finish(start_fresh(module, args, env), what)
+
+
+def ranks_parser(doc: str, results: Path, hidden: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A multi-process benchmark's parser: --world, --out, and --child with the `hidden` flags the
+    parent passes its fresh child processes (one per rank)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=2, help="ranks of the distributed run")
+    parser.add_argument("--out", type=Path, default=results)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for flag in hidden:
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+    return parser

@@ -1,6 +1,9 @@
 """CALM across the ranks of a process group, on FSDP2 (fsdp.py): each rank holds a 1/world shard
-of the model, its gradients, S and δ, and runs calm_fast.calm's driver unchanged over them; the
-global choices (pseudo-labels, initial mask, step size) are the single-process ones. The output
+of the model, its gradients, S and δ, and runs calm_fast.calm's driver unchanged over them. The
+pseudo-labels, the order and the initial masks are the single-process ones exactly; the
+gradients are summed over ranks in another order, so a final mask bit may differ where a logit
+ends within rounding of 0 (measured: 0 to 1 in 10^4–10^8, tests/test_distributed_calm.py and
+benchmarks/results/distributed_calm_cpu.md). The output
 is what one process writes (safetensors, masks.safetensors, report.json): rank 0 writes one
 output file at a time, gathering each parameter as it goes, never the whole model.
 """

@@ -21,9 +21,10 @@ from .select import magnitude_threshold
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, group=None) -> torch.nn.Module:
-    """fully_shard on every block of the model's ModuleLists (the transformer layers: in forward
-    and backward one block at a time is whole) and on the root, over a 1-D mesh of the group's
-    ranks on `device`'s type. fully_shard moves each unit to the device as it shards it, so a
+    """fully_shard on every block of the model's ModuleLists (the transformer layers), on each of
+    the root's children (embeddings, LM head, the stem: none is gathered for the whole forward)
+    and on the root, over a 1-D mesh of the group's ranks on `device`'s type: in forward and
+    backward about one unit at a time is whole. fully_shard moves each unit to the device as it shards it, so a
     model built on the host is never whole on the device. 0-d parameters, which fully_shard
     refuses, stay whole on every rank (moved to the device here)."""
     from torch.distributed.device_mesh import DeviceMesh
@@ -31,8 +32,10 @@ def shard_model(model: torch.nn.Module, device: torch.device, group=None) -> tor
 
     mesh = DeviceMesh(device.type, dist.get_process_group_ranks(group) if group is not None
                       else list(range(dist.get_world_size())))
-    blocks = [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
-    for module in [*reversed(blocks), model]:  # inner blocks before the modules holding them
+    units = {block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module}
+    units |= {child for child in model.children()
+              if not isinstance(child, torch.nn.ModuleList) and any(True for _ in child.parameters())}
+    for module in [*(m for m in reversed(list(model.modules())) if m in units), model]:  # inner units first
         scalars = {p for p in module.parameters() if p.dim() == 0}
         # resharded after every forward, the root too: CALM writes the shards between forwards
         # (each task's weights for its pseudo-labels), which a kept whole copy would not see
