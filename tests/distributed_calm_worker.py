@@ -57,8 +57,9 @@ def merge(folder, output, progress_file="", seed="0"):
 
 
 def initial(folder):
-    """Each task's initial mask (±bias logits) on the sharded model, gathered, against the same
-    begin_step on a whole copy in this process: identical, entry for entry."""
+    """Each task's initial mask (±bias logits) on the sharded model, each rank's rows and the
+    whole gathered to rank 0, against the same begin_step on a whole copy in this process:
+    identical, entry for entry."""
     pretrained, finetuned, model, heads, data, forward, config = problem(folder)
     base, tuned = read_checkpoint(pretrained), {t: read_checkpoint(p) for t, p in finetuned.items()}
     keys = [k for k in base if base.spec(k)[1].is_floating_point]
@@ -75,8 +76,9 @@ def initial(folder):
         want, _ = whole.begin_step(task)
         got, _ = sharded.begin_step(task)
         for key in keys:
-            gathered = layout.gather(key, got[key])
-            assert torch.equal(gathered, want[key]), (task, key)
+            assert torch.equal(got[key], layout.part(key, want[key])), (task, key)  # this rank's rows
+            gathered = layout.gather(key, got[key])  # and the whole, on rank 0
+            assert torch.equal(gathered, want[key]) if RANK == 0 else gathered is None, (task, key)
             found["checked"] += want[key].numel()
         found["chosen"].append(int(sum((want[key] > 0).sum() for key in keys)))
     return found

@@ -25,9 +25,10 @@ from .output import output_path, publish
 
 
 class GatheredState(Mapping):
-    """The merged state dict as one process returns it, read key by key: a sharded tensor is
-    all-gathered on access (a collective: every rank reads the same keys in the same order),
-    carried entries come from pretrained; pretrained's dtypes, on the CPU."""
+    """The merged state dict as one process returns it, read key by key on the writing rank (0):
+    a sharded tensor is gathered to it on access (a collective: every rank reads the same keys in
+    the same order, the others get None), carried entries come from pretrained; pretrained's
+    dtypes, on the CPU."""
 
     def __init__(self, pretrained, values: dict, layout: ShardedLayout):
         self.pretrained, self.values, self.layout = pretrained, values, layout
@@ -37,9 +38,9 @@ class GatheredState(Mapping):
 
     def __getitem__(self, key):
         if key not in self.values:
-            return self.pretrained[key]
+            return self.pretrained[key] if self.layout.writes else None
         whole = self.layout.gather(key, self.layout.local(self.values[key]))
-        return whole.to("cpu", self.spec(key)[1])
+        return None if whole is None else whole.to("cpu", self.spec(key)[1])
 
     def __iter__(self):
         return iter(self.pretrained)
@@ -49,8 +50,8 @@ class GatheredState(Mapping):
 
 
 def _write(folder: str, state: GatheredState, masks, report_text: str, max_shard_bytes: int, group) -> None:
-    """The output files into `folder`, as MergeResult.save writes them: every rank gathers each
-    file's tensors in turn, rank 0 writes the file."""
+    """The output files into `folder`, as MergeResult.save writes them: each file's tensors are
+    gathered to rank 0 in turn, and rank 0 writes the file."""
     from safetensors.torch import save_file
 
     writes = dist.get_rank(group) == 0

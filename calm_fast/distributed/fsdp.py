@@ -159,16 +159,18 @@ class ShardedLayout(Layout):
 
     def packed_mask(self, key, logits):
         whole = self.gather(key, logits)
-        return ops.pack_mask(whole) if self.writes else None
+        return None if whole is None else ops.pack_mask(whole)
 
-    def gather(self, key: str, local: torch.Tensor) -> torch.Tensor:
-        """The whole tensor shaped like `key` from every rank's rows of it (all-gather)."""
+    def gather(self, key: str, local: torch.Tensor) -> torch.Tensor | None:
+        """On the writing rank (0), the whole tensor shaped like `key` from every rank's rows of it;
+        None elsewhere (a gather to rank 0: the others send their rows and hold nothing more)."""
         if key not in self.sharded:
-            return local
+            return local if self.writes else None
         shape = self.shapes[key]
         per_rank = -(-shape[0] // self.world)
         padded = local.new_zeros((per_rank, *shape[1:]), device=comm_device(self.group))
         padded[: len(local)] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        collective(f"gathering {key}", lambda: dist.all_gather(parts, padded, group=self.group), self.group)
-        return torch.cat(parts)[: shape[0]].to(local.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.writes else None
+        root = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        collective(f"gathering {key}", lambda: dist.gather(padded, parts, dst=root, group=self.group), self.group)
+        return torch.cat(parts)[: shape[0]].to(local.device) if self.writes else None
