@@ -43,9 +43,9 @@ Every error names the field and what it accepts.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import importlib
 import importlib.util
+import inspect
 import os
 import typing
 from dataclasses import dataclass, field
@@ -87,7 +87,9 @@ class MergeJob:
 
     @property
     def progress_file(self) -> str | None:
-        return f"{self.output.rstrip(os.sep)}.progress.safetensors" if methods.get(self.method).needs_data and self.resume else None
+        if not (methods.get(self.method).needs_data and self.resume):
+            return None
+        return f"{self.output.rstrip(os.sep)}.progress.safetensors"
 
     def weights(self, progress=None):
         """(pretrained, finetuned) as merge() takes them: paths stay paths (read lazily)."""
@@ -231,7 +233,8 @@ def parse(raw: dict, folder: str = ".") -> MergeJob:
         _fail("method", f"one of {list(methods.METHODS)}", method)
     needs_data = methods.get(method).needs_data
     if clip is not None and needs_data and clip.data is None:
-        raise ConfigError(f"field 'task_vectors.data' is required for method {method!r} (the unlabeled images per task)")
+        raise ConfigError(f"field 'task_vectors.data' is required for method {method!r} "
+                          "(the unlabeled images per task)")
     finetuned = raw["finetuned"]
     if not isinstance(finetuned, dict) or not finetuned:
         _fail("finetuned", "a non-empty mapping of task name -> checkpoint", finetuned)

@@ -3,9 +3,9 @@ of the model, its gradients, S and δ, and runs calm_fast.calm's driver unchange
 pseudo-labels, the order and the initial masks are the single-process ones exactly; the
 gradients are summed over ranks in another order, so a final mask bit may differ where a logit
 ends within rounding of 0 (measured: 0 to 1 in 10^4–10^8, tests/test_distributed_calm.py and
-benchmarks/results/distributed_calm_cpu.md). The output
-is what one process writes (safetensors, masks.safetensors, report.json): rank 0 writes one
-output file at a time, gathering each parameter as it goes, never the whole model.
+benchmarks/results/distributed_calm_cpu.md). The output is what one process writes
+(safetensors, masks.safetensors, report.json): rank 0 writes one output file at a time,
+gathering each parameter to itself as it goes, never the whole model.
 """
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def merge_calm(pretrained, finetuned, *, heads, data, output, model=None, forwar
     calm = methods.get("calm")
     config = calm.config(config)
     output, device = output_path(output), resolve_device(device)
+
     def load():
         if os.path.exists(output) and not overwrite:
             raise FileExistsError(f"calm_fast: {output} exists; pass overwrite=True to replace it")

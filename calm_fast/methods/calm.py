@@ -40,10 +40,10 @@ class CALM(MergeMethod):
         check_model(model, inputs.base, inputs.keys)
         return model
 
-    def run(self, inputs: MergeInputs, config: CALMConfig, layout=None) -> Merged:
-        architecture = self.architecture(inputs)
-        model = (copy.deepcopy(architecture) if inputs.model is None else inputs.model).to(inputs.device)
+    def run(self, inputs: MergeInputs, config: CALMConfig) -> Merged:
+        """CALM on `model`, else on a copy of pretrained (check_inputs has vouched for either)."""
+        model = (copy.deepcopy(inputs.pretrained) if inputs.model is None else inputs.model).to(inputs.device)
         merger = CALMMerger(inputs.base, inputs.tuned, inputs.keys, model, inputs.heads, inputs.data, inputs.forward,
-                            config, inputs.device, inputs.seed, inputs.progress, inputs.progress_file, layout)
+                            config, inputs.device, inputs.seed, inputs.progress, inputs.progress_file)
         values, masks, report = merger.run()
         return Merged(values, masks, report)
