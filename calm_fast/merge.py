@@ -85,7 +85,7 @@ def load_inputs(pretrained, finetuned, bar=None):
 
 
 def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None, data=None,
-          forward=None, config=None, device=None, seed: int = 0, progress: bool = True,
+          forward=None, augment=None, config=None, device=None, seed: int = 0, progress: bool = True,
           progress_file=None, output=None, overwrite: bool = False,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> MergeResult:
     """Merge fine-tuned copies of `pretrained` into one multi-task model.
@@ -96,6 +96,9 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     `data` (task -> unlabeled inputs: a tensor, a dict of tensors, or an iterable of batches)
     and `model` (the architecture; defaults to a copy of `pretrained` when it is a module);
     `forward(batch) -> features` replaces `model(batch)` for other call signatures.
+    `augment(batch, generator) -> batch` (CALM) is applied to each batch the masks train on,
+    never to scoring or checks (random crops, say: a small unlabeled pool then fits less); it
+    draws its randomness from `generator` (a CPU torch.Generator) so runs stay deterministic.
     config: CALMConfig or DataFreeConfig. Deterministic under `seed` on CPU.
     progress_file (CALM): a path where each finished sequential step is saved; a run that finds
     it (same tasks, config, seed, parameters, data sizes) continues after its last step.
@@ -109,10 +112,11 @@ def merge(pretrained, finetuned, *, method: str = "calm", model=None, heads=None
     chosen, config = _checked_config(method, config)
     if _in_process_group():
         return _merge_distributed(chosen, pretrained, finetuned, config, output, overwrite, max_shard_bytes,
-                                  model=model, heads=heads, data=data, forward=forward, device=device, seed=seed,
-                                  progress=progress_bar(progress), progress_file=progress_file)
+                                  model=model, heads=heads, data=data, forward=forward, augment=augment,
+                                  device=device, seed=seed, progress=progress_bar(progress),
+                                  progress_file=progress_file)
     result = _merge_here(chosen, pretrained, finetuned, config, device, seed, progress, progress_file,
-                         model=model, heads=heads, data=data, forward=forward)
+                         model=model, heads=heads, data=data, forward=forward, augment=augment)
     if output is not None:
         result.save(output, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
     return result
@@ -125,12 +129,12 @@ def _in_process_group() -> bool:
 
 
 def _merge_distributed(chosen, pretrained, finetuned, config, output, overwrite, max_shard_bytes, *, model, heads,
-                       data, forward, device, seed, progress, progress_file) -> MergeResult:
+                       data, forward, augment, device, seed, progress, progress_file) -> MergeResult:
     from . import distributed
 
     if chosen.needs_data:
         return distributed.merge_calm(pretrained, finetuned, model=model, heads=heads, data=data, forward=forward,
-                                      config=config, output=output, seed=seed, device=device,
+                                      augment=augment, config=config, output=output, seed=seed, device=device,
                                       max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                                       progress_file=progress_file, progress=progress)
     return distributed.merge_data_free(pretrained, finetuned, chosen.name, config, output, seed=seed, device=device,
@@ -138,13 +142,13 @@ def _merge_distributed(chosen, pretrained, finetuned, config, output, overwrite,
 
 
 def _merge_here(chosen, pretrained, finetuned, config, device, seed, progress, progress_file, *, model, heads,
-                data, forward) -> MergeResult:
+                data, forward, augment) -> MergeResult:
     device = resolve_device(device)
     bar = progress_bar(progress)
     base, tuned, keys = load_inputs(pretrained, finetuned, bar)
     torch.manual_seed(seed)
     inputs = methods.MergeInputs(pretrained, base, tuned, keys, device, bar, seed, model, heads, data, forward,
-                                 None if progress_file is None else os.fspath(progress_file))
+                                 None if progress_file is None else os.fspath(progress_file), augment)
     chosen.validate(config, len(tuned))
     chosen.check_inputs(inputs)
     merged = chosen.run(inputs, config)

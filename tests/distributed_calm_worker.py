@@ -46,13 +46,21 @@ def problem(folder: str):
             model, heads, saved["data"], forward, config)
 
 
+def augment(folder: str):
+    """The problem's training-batch augmentation: Gaussian jitter of the given scale, or none."""
+    scale = torch.load(os.path.join(folder, "problem.pt"), weights_only=True).get("jitter")
+    if scale is None:
+        return None
+    return lambda batch, generator: batch + scale * torch.randn(batch.shape, generator=generator)
+
+
 def merge(folder, output, progress_file="", seed="0"):
     """calm_fast.merge(method="calm", output=...) as every rank calls it; its report and time."""
     pretrained, finetuned, model, heads, data, forward, config = problem(folder)
     start = time.perf_counter()
     result = calm_fast.merge(pretrained, finetuned, method="calm", model=model, heads=heads, data=data,
-                             forward=forward, config=config, device="cpu", seed=int(seed), progress=False,
-                             progress_file=progress_file or None, output=output, overwrite=True)
+                             forward=forward, augment=augment(folder), config=config, device="cpu", seed=int(seed),
+                             progress=False, progress_file=progress_file or None, output=output, overwrite=True)
     return {"report": dataclasses.asdict(result.report), "seconds": time.perf_counter() - start}
 
 

@@ -22,20 +22,21 @@ WORKER = Path(__file__).with_name("distributed_calm_worker.py")
 MAX_DIFFERING_MASK_FRACTION = 1e-5
 
 
-def _write_problem(folder, kind, pretrained, finetuned, heads, data, config):
+def _write_problem(folder, kind, pretrained, finetuned, heads, data, config, **extra):
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, folder / "pretrained.safetensors")
     for task, model in finetuned.items():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{task}.safetensors")
     torch.save({"kind": kind, "heads": {t: h.state_dict() for t, h in heads.items()}, "data": data,
-                "config": config}, folder / "problem.pt")
+                "config": config, **extra}, folder / "problem.pt")
     return folder
 
 
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
-    """Branch tasks with task vectors on a grid of 1/256 (|τ| ties at the threshold), and a tiny
-    ViT whose 1-row parameters (cls, pos) leave rank 1 an empty shard."""
+    """Branch tasks with task vectors on a grid of 1/256 (|τ| ties at the threshold), the same
+    with the held-out stopping rule and augmented training batches, and a tiny ViT whose 1-row
+    parameters (cls, pos) leave rank 1 an empty shard."""
     root = tmp_path_factory.mktemp("problems")
     pre, ft, heads, data = make_tasks(num_tasks=3, examples=128)
     with torch.no_grad():
@@ -44,12 +45,15 @@ def problems(tmp_path_factory):
                 p.copy_(p0 + torch.round((p - p0) * 256) / 256)
     branch = _write_problem(root / "branch", "branch", pre, ft, heads, data,
                             {"updates": 8, "batch_size": 48, "num_sequential": 2, "sparsity": 0.05})
+    checked = _write_problem(root / "checked", "branch", pre, ft, heads, data,
+                             {"updates": 8, "batch_size": 48, "num_sequential": 2, "sparsity": 0.05,
+                              "holdout": 0.25, "check_every": 3}, jitter=0.05)
     pre, ft, heads, batches = make_vit_tasks(num_tasks=3, examples=96)
     pools = {t: {"pixel_values": torch.cat([b["pixel_values"] for b, _ in batches[t]])} for t in ft}
     vit = _write_problem(root / "vit", "vit", pre, ft, heads, pools,
                          {"updates": 6, "batch_size": 32, "num_sequential": 2, "score_batch_size": 40,
                           "sparsity": 0.02})
-    return {"branch": branch, "vit": vit}
+    return {"branch": branch, "checked": checked, "vit": vit}
 
 
 def _merge(problem, tmp_path, world, name, *args):
@@ -93,12 +97,14 @@ def test_initial_masks_equal_one_process_entry_for_entry(problems, tmp_path, kin
     assert found[0] == found[1] and found[0]["checked"] > 0 and min(found[0]["chosen"]) > 0
 
 
-@pytest.mark.parametrize("kind", ["branch", "vit"])
-def test_two_ranks_merge_as_one_process_does(problems, tmp_path, kind):
-    problem = problems[kind]
+@pytest.mark.parametrize("name", ["branch", "checked", "vit"])
+def test_two_ranks_merge_as_one_process_does(problems, tmp_path, name):
+    problem, kind = problems[name], "vit" if name == "vit" else "branch"
     one, single = _merge(problem, tmp_path, 1, "one")
     two, sharded = _merge(problem, tmp_path, 2, "two")
-    for field in ("initial", "sequential", "pseudo_labels", "pool_sizes", "agreement", "no_grad_keys"):
+    assert bool(single["checks"]) == (name == "checked")
+    for field in ("initial", "sequential", "pseudo_labels", "pool_sizes", "agreement", "no_grad_keys", "checks",
+                  "best_update"):
         assert sharded[field] == single[field], field
     for field in ("step_sizes", "losses"):
         for task, values in single[field].items():
@@ -108,7 +114,7 @@ def test_two_ranks_merge_as_one_process_does(problems, tmp_path, kind):
     masks = [maskfile.read(str(folder / "masks.safetensors"))[0] for folder in (one, two)]
     differing, total = differing_mask_bits(*masks)
     assert differing <= MAX_DIFFERING_MASK_FRACTION * total, (differing, total)
-    print(f"{kind}: {differing} of {total} mask bits differ between 1 and 2 processes")
+    print(f"{name}: {differing} of {total} mask bits differ between 1 and 2 processes")
     weights = [read_checkpoint(str(folder)) for folder in (one, two)]
     assert list(weights[0]) == list(weights[1])
     for key in weights[0]:

@@ -22,7 +22,12 @@ if str(REPO) not in sys.path:
 pytestmark = pytest.mark.skipif(os.environ.get("CALM_FAST_SKIP_QUALITY") == "1",
                                 reason="CALM_FAST_SKIP_QUALITY=1")
 
-METHODS = ("task_arithmetic", "ties", "calm")
+METHODS = ("task_arithmetic", "ties", "calm", "calm_honest", "calm_pooled_honest")
+# Masks fit their pool (issue 16): given the inputs the models were fine-tuned on as well as the
+# held-out split, CALM keeps more on the test split. Measured at CI size (12 updates): mean
+# accuracy 0.6225 vs 0.6185 (+0.004; +0.0045 at 36 updates); at size mid +0.024 normalized at
+# 100 updates and +0.045 at 300 (benchmarks/results/quality_findings.md). Half the CI margin holds.
+POOLED_MARGIN = 0.002
 
 
 def _ensure_sources() -> None:
@@ -72,3 +77,9 @@ def test_calm_never_saw_labels_and_used_every_task(results):
     assert sorted(calm["initial"] + calm["sequential"]) == sorted(results["tasks"])
     for task, kept in calm["pseudo_label_counts"].items():
         assert 0 < kept <= calm["pool_sizes"][task]
+
+
+def test_a_larger_unlabeled_pool_generalizes_better(results):
+    honest, pooled = (_row(results, name)["average"] for name in ("calm_honest", "calm_pooled_honest"))
+    assert pooled >= honest + POOLED_MARGIN, (
+        f"CALM on held-out + fine-tuning inputs {pooled:.4f} is not {POOLED_MARGIN} above held-out alone {honest:.4f}")

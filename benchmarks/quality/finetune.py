@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import Task, cache_dir, preprocess, subsample
+from .data import Split, Task, cache_dir, preprocess, subsample
 from .model import features, load_backbone, make_head
 from .recipes import FineTune
 
@@ -36,6 +36,11 @@ def _save(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def training_split(task: Task, recipe: FineTune, task_index: int) -> Split:
+    """The examples task `task_index` is fine-tuned on (all of the train split, or the recipe's subset)."""
+    return subsample(task.train, recipe.train_examples, recipe.seed * 1000 + task_index)
+
+
 def train_task(task: Task, recipe: FineTune, task_index: int, device, log=print):
     """(backbone state dict, head state dict, info) of one task's fine-tuned model."""
     seed = recipe.seed * 1000 + task_index
@@ -45,7 +50,7 @@ def train_task(task: Task, recipe: FineTune, task_index: int, device, log=print)
     if recipe.batchnorm != "eval" or recipe.augment != "none":
         raise ValueError("only batchnorm='eval' and augment='none' are implemented")
     model.eval()  # frozen BatchNorm statistics, no dropout / drop-connect
-    train = subsample(task.train, recipe.train_examples, seed)
+    train = training_split(task, recipe, task_index)
     x_all, y_all = train.x.to(device), train.y.to(device)
     optimizer = torch.optim.Adam([
         {"params": list(model.parameters()), "lr": recipe.backbone_lr},

@@ -21,13 +21,36 @@ import calm_fast
 import torch
 
 from . import recipes
+from .data import random_shift
 from .run import RESULTS, Method, calm_summary, merge, prepare, pseudo_label_quality, summarize
 
 TASK_ORDER = ("cifar10", "gtsrb", "mnist", "fashion_mnist")
 
 
-def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple[str, dict, str]]]:
-    """group -> [(name, CALMConfig overrides, unlabeled pool)]."""
+GENERALIZE_UPDATES = 100  # issue 16's rows: the authors' update count, the benchmark's batches
+
+
+def generalize_variants(budget: recipes.CALMBudget) -> list[tuple]:
+    """What might close the gap between held-out and transductive pools (issue 16): each
+    candidate on the held-out pool, and the plain loop on the test pool (the transductive mark)."""
+    plain = dict(updates=GENERALIZE_UPDATES)
+    shift = {"augment": random_shift}
+    rows = [("augmented: random shift ±3 px", plain, "heldout", shift),
+            ("larger pool: + fine-tuning inputs", plain, "heldout+train"),
+            ("larger pool: + fine-tuning inputs", dict(updates=3 * GENERALIZE_UPDATES), "heldout+train"),
+            ("stopping rule: holdout 0.2, best check of 10", dict(plain, holdout=0.2), "heldout"),
+            ("fewer, larger batches of 256", dict(updates=GENERALIZE_UPDATES // 4, batch_size=4 * budget.batch_size),
+             "heldout"),
+            ("density: true L1, l1 10", dict(plain, reg="l1", l1=10.0), "heldout"),
+            ("order auto", dict(plain, order="auto"), "heldout"),
+            ("plain loop", plain, "heldout"),
+            ("3 sequential (auto)", dict(plain, order="auto", num_sequential=3), "heldout"),
+            ("plain loop", plain, "test")]
+    return [(f"{overrides['updates']} updates, {name}", overrides, *rest) for name, overrides, *rest in rows]
+
+
+def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple]]:
+    """group -> [(name, CALMConfig overrides, unlabeled pool[, merge() keyword arguments])]."""
     return {
         "step": [("lr 0.3 (normalized)", dict(lr=0.3), "test"), ("lr 3 (normalized)", dict(lr=3.0), "test"),
                  ("authors' lr 1e7", dict(step="authors"), "test"),
@@ -46,6 +69,7 @@ def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple[str, dict,
                    ("plain EMS", dict(balanced=False), "test")],
         "honest": [("held-out, 3x updates", dict(updates=3 * budget.updates), "heldout"),
                    ("held-out, 100 updates", dict(updates=100), "heldout")],
+        "generalize": generalize_variants(budget),
     }
 
 
@@ -68,8 +92,12 @@ def magnitude_mask_merge(pretrained: dict, finetuned: dict, initial, sequential,
     return {k: current[k].to(v.dtype) if k in current else v for k, v in pretrained.items()}
 
 
+POOL_SUFFIX = {"test": "", "heldout": " [held-out]", "heldout+train": " [held-out + fine-tuning inputs]"}
+
+
 def record(runs: list, row: dict, out: Path, seconds: float | None = None) -> None:
     """Appends a finished run and rewrites the output JSON at once (an interrupted sweep keeps it)."""
+    row.setdefault("command", "python -m benchmarks.quality.investigate " + " ".join(sys.argv[1:]))
     runs.append(row)
     out.write_text(json.dumps(runs, indent=2) + "\n")
     print(f"{row['name']:40s} avg {row['average']:.3f} norm {row['normalized_average']:.3f} "
@@ -123,10 +151,10 @@ def main(argv=None) -> int:
             for method in ("task_arithmetic", "ties"):
                 todo.append((f"{method} λ {lam}", Method(method, method, method, calm_fast.DataFreeConfig(scaling=lam))))
     for group in args.groups:
-        for name, overrides, pool in variants.get(group, []):
+        for name, overrides, pool, *kwargs in variants.get(group, []):
             config = calm_fast.CALMConfig(**{**loop, **overrides})
-            todo.append((f"calm: {name}" + ("" if pool == "test" else " [held-out]"),
-                         Method("calm", name, "calm", config, unlabeled=pool)))
+            todo.append((f"calm: {name}{POOL_SUFFIX[pool]}",
+                         Method("calm", name, "calm", config, unlabeled=pool, kwargs=kwargs[0] if kwargs else {})))
     if "controls" in args.groups:  # data-free masks at the densities of the default CALM run
         default = json.loads((RESULTS / f"quality_{args.size}.json").read_text())
         calm_row = next(r for r in default["rows"] if r["name"] == "calm")["calm"]
@@ -157,6 +185,8 @@ def main(argv=None) -> int:
         if result is not None and result.report is not None:
             row["calm"] = calm_summary(result)
             row["config"] = {k: str(v) for k, v in result.config.__dict__.items()}
+            row["pool"] = spec.unlabeled
+            row["merge_kwargs"] = {k: getattr(v, "__name__", str(v)) for k, v in spec.kwargs.items()}
         record(runs, row, out, seconds)
     return 0
 

@@ -28,12 +28,16 @@ from .. import harness
 from . import recipes
 from .data import REPO, TASKS, MissingSource, load_task, subsample
 from .evaluate import accuracy
-from .finetune import fine_tuned
+from .finetune import fine_tuned, training_split
 from .model import features, load_backbone, make_forward
 
 RESULTS = REPO / "benchmarks" / "results"
 BAR_KEEP = 0.92  # CALM should keep this fraction of the individual models' accuracy
 BAR_MARGIN = 0.10  # ... and beat TIES and task arithmetic by this many normalized points
+
+
+UNLABELED = {"test": "test inputs (transductive)", "heldout": "held-out split",
+             "heldout+train": "held-out split + fine-tuning inputs"}
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Method:
     label: str
     method: str  # calm_fast.merge(method=...) or "pretrained"
     config: object = None
-    unlabeled: str = "test"  # CALM's data: "test" (transductive) or "heldout" (honest)
+    unlabeled: str = "test"  # CALM's data: a key of UNLABELED (Setup.unlabeled)
     kwargs: dict = field(default_factory=dict)
 
 
@@ -66,6 +70,8 @@ def methods_for(recipe: recipes.Recipe) -> list[Method]:
                calm_fast.CALMConfig(**calm), unlabeled="heldout"),
         Method("calm_auto_honest", f"CALM, order=auto, held-out unlabeled{loop}", "calm",
                calm_fast.CALMConfig(order="auto", **calm), unlabeled="heldout"),
+        Method("calm_pooled_honest", f"CALM, defaults, held-out unlabeled + fine-tuning inputs{loop}", "calm",
+               calm_fast.CALMConfig(**calm), unlabeled="heldout+train"),
     ]
 
 
@@ -85,8 +91,13 @@ class Setup:
     evaluator: torch.nn.Module
 
     def unlabeled(self, which: str) -> dict[str, torch.Tensor]:
+        """uint8 NHWC inputs only, no labels: "test" (transductive), "heldout" (honest), or
+        "heldout+train" (honest, plus the inputs each model was fine-tuned on: a larger pool)."""
+        if which == "heldout+train":
+            return {t.name: torch.cat([self.heldout[t.name].x, training_split(t, self.recipe.finetune, i).x])
+                    for i, t in enumerate(self.tasks)}
         splits = self.tests if which == "test" else self.heldout
-        return {t: s.x for t, s in splits.items()}  # uint8 NHWC inputs only: no labels
+        return {t: s.x for t, s in splits.items()}
 
     def evaluate(self, state: dict) -> dict[str, float]:
         ev = self.recipe.evaluation
@@ -175,7 +186,7 @@ def calm_summary(result) -> dict:
             "pseudo_label_counts": {t: sum(c.values()) for t, c in rep.pseudo_labels.items()},
             "pool_sizes": rep.pool_sizes, "losses_first_last": {t: [l[0], l[-1]] for t, l in rep.losses.items()},
             "step_sizes_first_last": {t: [s[0], s[-1]] for t, s in rep.step_sizes.items()},
-            "seconds": rep.seconds}
+            "checks": rep.checks, "best_update": rep.best_update, "seconds": rep.seconds}
 
 
 def run(size: str = "ci", device: str = "cpu", only=None, log=print, retrain: bool = False,
@@ -202,7 +213,7 @@ def run(size: str = "ci", device: str = "cpu", only=None, log=print, retrain: bo
                "merge_seconds": seconds}
         if spec.method == "calm":
             row["calm"] = calm_summary(result)
-            row["unlabeled"] = "test inputs (transductive)" if spec.unlabeled == "test" else "held-out split"
+            row["unlabeled"] = UNLABELED[spec.unlabeled]
         rows.append(row)
         extra = ""
         if "calm" in row:
@@ -237,7 +248,7 @@ def _environment(device) -> dict:
 def check_bar(rows: list[dict]) -> dict:
     by = {r["name"]: r for r in rows}
     out = {"keep": BAR_KEEP, "margin": BAR_MARGIN}
-    for name in ("calm", "calm_auto", "calm_honest", "calm_auto_honest"):
+    for name in ("calm", "calm_auto", "calm_honest", "calm_auto_honest", "calm_pooled_honest"):
         if name not in by:
             continue
         n = by[name]["normalized_average"]
@@ -314,7 +325,7 @@ def markdown(res: dict) -> str:
 PLOT_NAMES = {"individual": "individual", "pretrained": "pretrained", "average": "average",
               "task_arithmetic": "task arithmetic", "ties": "TIES", "consensus": "TALL/consensus",
               "calm": "CALM", "calm_auto": "CALM auto", "calm_honest": "CALM held-out",
-              "calm_auto_honest": "CALM auto held-out"}
+              "calm_auto_honest": "CALM auto held-out", "calm_pooled_honest": "CALM held-out + FT inputs"}
 
 
 def plot(res: dict, path: Path) -> None:

@@ -35,6 +35,9 @@ class CALMConfig:
     delta_dtype: torch.dtype = torch.float32
     autocast: bool = False  # bf16 autocast for forward/backward
     score_batch_size: int = 256
+    holdout: float = 0.0  # fraction of each task's pseudo-labels the masks never train on, to check them
+    check_every: int = 10  # with holdout: updates between checks of the held-out agreement
+    patience: int | None = None  # with holdout: stop a step after this many checks without a better one
 
     @property
     def step_size(self) -> float:
@@ -52,11 +55,15 @@ class CALMConfig:
                 bad(name, getattr(self, name), f"one of {allowed}")
         if not 0.0 < self.ratio <= 1.0:
             bad("ratio", self.ratio, "in (0, 1]")
+        if not 0.0 <= self.holdout < 1.0:
+            bad("holdout", self.holdout, "in [0, 1)")
+        if self.patience is not None and self.patience < 1:
+            bad("patience", self.patience, "None or >= 1")
         if not 0.0 <= self.sparsity <= 1.0:
             bad("sparsity", self.sparsity, "in [0, 1]")
         if self.delta_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             bad("delta_dtype", self.delta_dtype, "float32, bfloat16 or float16")
-        for name in ("updates", "batches_per_task", "batch_size", "score_batch_size"):
+        for name in ("updates", "batches_per_task", "batch_size", "score_batch_size", "check_every"):
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), ">= 1")
         if self.step_size <= 0:

@@ -22,7 +22,8 @@ class CALMMerger:
     """
 
     def __init__(self, pretrained, finetuned, keys, model, heads, data, forward, config: CALMConfig,
-                 device, seed: int, progress_bar, progress_file: str | None = None, layout: Layout | None = None):
+                 device, seed: int, progress_bar, progress_file: str | None = None, layout: Layout | None = None,
+                 augment=None):
         config.validate()
         self.seed, self.progress_file = seed, progress_file
         self.pretrained, self.finetuned, self.keys = pretrained, finetuned, list(keys)
@@ -30,6 +31,7 @@ class CALMMerger:
         self.model, self.heads, self.config, self.device = model, heads, config, device
         self.layout = layout or Layout()
         self.forward = forward or default_forward(model)
+        self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = progress_bar
         self.report = CALMReport(tasks=self.tasks)
@@ -37,7 +39,9 @@ class CALMMerger:
         check_model(model, pretrained, self.keys)
         self.tensors = trainable_tensors(model, heads, self.keys, device)
         self.pools = {t: sampling.collect_pool(data[t], t) for t in self.tasks}
-        self.selected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.selected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # task -> (kept rows, pseudo-labels)
+        self.training: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # what the masks train on
+        self.checking: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # config.holdout: set aside
 
     @torch.no_grad()
     def load(self, state: Mapping) -> None:
@@ -68,6 +72,17 @@ class CALMMerger:
                 self.selected[task] = (keep, labels_)
                 self.report.pool_sizes[task] = sampling.pool_size(self.pools[task])
                 self.report.pseudo_labels[task] = dict(zip(classes.tolist(), counts.tolist()))
+        self.split_holdout()
+
+    def split_holdout(self) -> None:
+        """Set config.holdout of each task's pseudo-labels aside to check the masks on (the same
+        split on every process and on resume: drawn from the seed alone)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for task in self.tasks:
+            keep, labels_ = self.selected[task]
+            train, check = labels.split_holdout(task, labels_, self.config.holdout, generator)
+            self.training[task] = (keep[train], labels_[train])
+            self.checking[task] = (keep[check], labels_[check])
 
     def choose_order(self) -> None:
         rep = self.report
@@ -94,16 +109,25 @@ class CALMMerger:
         total = torch.zeros((), device=self.device)  # stays on the device: no sync per batch
         for task in seen:
             for _ in range(cfg.batches_per_task):
-                keep, labels_ = self.selected[task]
+                keep, labels_ = self.training[task]
                 pick = torch.randperm(len(keep), generator=self.generator)[: cfg.batch_size]
-                mine = self.layout.rows(pick)
-                x, y = sampling.take(self.pools[task], keep[mine], self.device), labels_[mine].to(self.device)
+                mine = self.layout.rows(torch.arange(len(pick)))  # this process's positions in the batch
+                x, y = self._training_batch(task, keep[pick], mine), labels_[pick[mine]].to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
                     loss = self.layout.loss(self.heads[task](self.forward(x)).float(), y, len(pick))
                 (loss * scale).backward()
                 total += loss.detach()
         self.layout.reduce_grads(self.tensors)
         return total
+
+    def _training_batch(self, task: str, rows: torch.Tensor, mine: torch.Tensor):
+        """Positions `mine` of the batch of pool rows `rows`. With `augment`, the whole batch is
+        augmented on every process from the shared generator, so all draw alike and a process's
+        rows are what one process would have augmented them to."""
+        if self.augment is None:
+            return sampling.take(self.pools[task], rows[mine], self.device)
+        whole = self.augment(sampling.take(self.pools[task], rows, self.device), self.generator)
+        return sampling.take(whole, mine)
 
     @torch.no_grad()
     def begin_step(self, task: str) -> tuple[dict, dict]:
@@ -117,19 +141,42 @@ class CALMMerger:
             ops.masked_apply_(self.layout.local(t), deltas[key], logits[key], "soft")
         return logits, deltas
 
+    @torch.no_grad()
+    def check(self, seen: list[str]) -> float:
+        """The model's agreement, as it is now, with the pseudo-labels set aside (config.holdout),
+        averaged over the seen tasks."""
+        with self.timer.phase("check"):
+            agreement = []
+            for task in seen:
+                keep, labels_ = self.checking[task]
+                _, y = self.layout.score(self.forward, self.heads[task], sampling.take(self.pools[task], keep),
+                                         self.config.score_batch_size, self.device)
+                agreement.append(float((y.cpu() == labels_).float().mean()))
+            return sum(agreement) / len(agreement)
+
     def optimize_step(self, task: str, seen: list[str]) -> tuple[dict, dict]:
-        """The step's (this process's, whole parameters') packed masks, after `updates` updates."""
+        """The step's (this process's, whole parameters') packed masks after `updates` updates or,
+        with config.holdout, at the check that agreed best with the pseudo-labels set aside."""
         cfg, rep, layout = self.config, self.report, self.layout
         with self.timer.phase("mask_init"):
             logits, deltas = self.begin_step(task)
+        best = mask.BestMasks(cfg.patience) if cfg.holdout else None
+        if best is not None:
+            best.offer(0, self.check(seen), logits)
         losses, sizes = [], rep.step_sizes.setdefault(task, [])
-        for _ in self._bar(range(cfg.updates), desc=f"masking {task}"):
+        for done in self._bar(range(1, cfg.updates + 1), desc=f"masking {task}"):
             with self.timer.phase("forward_backward"):
                 losses.append(self._accumulate_gradients(seen))
             with self.timer.phase("mask_step"):
                 lr = mask.step_size(cfg, logits, self.tensors, deltas, layout)
                 sizes.append(lr)
                 mask.update(cfg, logits, self.tensors, deltas, lr, layout)
+            if best is not None and (done % cfg.check_every == 0 or done == cfg.updates):
+                if best.offer(done, self.check(seen), logits):
+                    break
+        if best is not None:
+            best.restore(logits, cfg.sigmoid_bias)
+            rep.checks[task], rep.best_update[task] = best.history, best.update
         rep.losses[task] = (layout.sum(torch.stack(losses)) / layout.world).tolist()
         with self.timer.phase("mask_finalize"):
             local, whole, on, rep.no_grad_keys[task] = mask.finished_masks(logits, self.tensors, layout)
@@ -164,6 +211,7 @@ class CALMMerger:
         self.report, self.timer.report = saved.report, saved.report
         self.generator.set_state(saved.generator_state)
         self.selected = saved.selected
+        self.split_holdout()
         local = {task: {key: self.layout.local_mask(key, bits) for key, bits in step.items()}
                  for task, step in saved.bits.items()}
         return local, saved.bits

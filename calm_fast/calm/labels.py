@@ -25,6 +25,23 @@ def pseudo_labels(task: str, forward, head, pool, config: CALMConfig, device, la
     return keep, labels
 
 
+def split_holdout(task: str, labels: torch.Tensor, fraction: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions the masks train on, positions set aside to check them) into a task's
+    pseudo-labels: floor(n_c · fraction) of each pseudo-label class c, drawn at random, are set
+    aside, so that the check weighs the classes as the training set does. fraction 0: all train."""
+    if fraction == 0:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
+    aside = torch.zeros(len(labels), dtype=torch.bool)
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        aside[members[torch.randperm(len(members), generator=generator)[: int(len(members) * fraction)]]] = True
+    if not aside.any() or aside.all():
+        raise ValueError(f"calm_fast: task {task!r}: holdout={fraction} of {len(labels)} pseudo-labels sets "
+                         f"{int(aside.sum())} aside; it must leave some to check and some to train on")
+    return torch.nonzero(~aside).flatten(), torch.nonzero(aside).flatten()
+
+
 def check_named(tasks: list[str], config: CALMConfig) -> None:
     """Every task the config's groups name is one of the tasks."""
     named = [t for group in (config.initial, config.sequential) if group for t in group]

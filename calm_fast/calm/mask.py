@@ -75,3 +75,31 @@ def finished_masks(logits: dict, tensors: dict, layout: Layout = Layout()):
     on = layout.sum(torch.stack([(logits[key] > 0).sum() * layout.counted(key) for key in reached]) if reached
                     else torch.zeros(0, dtype=torch.int64))
     return local, whole, dict(zip(reached, on.tolist())), [key for key in tensors if key not in local]
+
+
+class BestMasks:
+    """The masks [S > 0] at the best check of a step's held-out agreement (config.holdout):
+    a higher agreement replaces them, a tie keeps the earlier (sparser) ones. Kept packed, one
+    bit per scalar, so the stopping rule costs 1/32 of the logits' memory."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.agreement, self.update, self.bits, self.since = patience, -1.0, -1, {}, 0
+        self.history: list[list[float]] = []  # [update, agreement] per check
+
+    @torch.no_grad()
+    def offer(self, update: int, agreement: float, logits: dict) -> bool:
+        """Record a check; True when `patience` checks in a row found nothing better (stop the step)."""
+        self.history.append([update, agreement])
+        if agreement > self.agreement:
+            self.agreement, self.update, self.since = agreement, update, 0
+            self.bits = {key: ops.pack_mask(s) for key, s in logits.items()}
+            return False
+        self.since += 1
+        return self.patience is not None and self.since >= self.patience
+
+    @torch.no_grad()
+    def restore(self, logits: dict, bias: float) -> None:
+        """S = ±bias from the best check's masks: what finished_masks then reads."""
+        for key, s in logits.items():
+            on = ops.unpack_mask(self.bits[key], s.numel()).view(s.shape)
+            s.copy_(torch.where(on, bias, -bias))

@@ -22,6 +22,8 @@ class CALMReport:
     no_grad_keys: dict[str, list[str]] = field(default_factory=dict)  # averaged 0.5 / 0.5
     losses: dict[str, list[float]] = field(default_factory=dict)  # step task -> loss per update
     step_sizes: dict[str, list[float]] = field(default_factory=dict)  # effective lr per update
+    checks: dict[str, list[list[float]]] = field(default_factory=dict)  # holdout: step task -> [update, agreement]
+    best_update: dict[str, int] = field(default_factory=dict)  # holdout: the update whose masks were kept
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod

@@ -82,8 +82,8 @@ def _write(folder: str, state: GatheredState, masks, report_text: str, max_shard
     run_checked("writing masks and report", rest, group)
 
 
-def merge_calm(pretrained, finetuned, *, heads, data, output, model=None, forward=None, config=None, seed: int = 0,
-               device=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+def merge_calm(pretrained, finetuned, *, heads, data, output, model=None, forward=None, augment=None, config=None,
+               seed: int = 0, device=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                progress_file=None, progress=None, group=None):
     """calm_fast.merge(..., method="calm").save(output), run by every rank of `group` (an
     initialized process group; its timeout bounds every wait).
@@ -117,7 +117,7 @@ def merge_calm(pretrained, finetuned, *, heads, data, output, model=None, forwar
     layout = ShardedLayout(sharded, group)
     merger = run_checked("preparing CALM", lambda: CALMMerger(
         base, tuned, keys, sharded, heads, data, forward, config, device, seed, progress if layout.writes else None,
-        None if progress_file is None else os.path.abspath(os.fspath(progress_file)), layout), group)
+        None if progress_file is None else os.path.abspath(os.fspath(progress_file)), layout, augment), group)
     agree({**merger.fingerprint(), "output": output, "overwrite": overwrite, "max_shard_bytes": max_shard_bytes,
            "progress_file": merger.progress_file, "calm_fast": __version__}, "merge (calm)", group)
     try:

@@ -23,6 +23,7 @@ class MergeInputs:
     data: dict | None = None
     forward: Any = None
     progress_file: str | None = None
+    augment: Any = None  # CALM: augment(batch, generator) -> batch, on mask-training batches
 
 
 @dataclass

@@ -44,6 +44,7 @@ class CALM(MergeMethod):
         """CALM on `model`, else on a copy of pretrained (check_inputs has vouched for either)."""
         model = (copy.deepcopy(inputs.pretrained) if inputs.model is None else inputs.model).to(inputs.device)
         merger = CALMMerger(inputs.base, inputs.tuned, inputs.keys, model, inputs.heads, inputs.data, inputs.forward,
-                            config, inputs.device, inputs.seed, inputs.progress, inputs.progress_file)
+                            config, inputs.device, inputs.seed, inputs.progress, inputs.progress_file,
+                            augment=inputs.augment)
         values, masks, report = merger.run()
         return Merged(values, masks, report)
