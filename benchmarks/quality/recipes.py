@@ -7,6 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 
+BAR_KEEP = 0.92  # CALM should keep this fraction of the individual models' accuracy
+BAR_MARGIN = 0.10  # ... and beat TIES and task arithmetic by this many normalized points
+
+
 @dataclass(frozen=True)
 class FineTune:
     """How each task's model is fine-tuned from the ImageNet EfficientNet-Lite0 (once per task)."""

@@ -151,7 +151,7 @@ class CALMMerger:
                 keep, labels_ = self.checking[task]
                 _, y = self.layout.score(self.forward, self.heads[task], sampling.take(self.pools[task], keep),
                                          self.config.score_batch_size, self.device)
-                agreement.append(float((y.cpu() == labels_).float().mean()))
+                agreement.append(float((y == labels_).float().mean()))
             return sum(agreement) / len(agreement)
 
     def optimize_step(self, task: str, seen: list[str]) -> tuple[dict, dict]:

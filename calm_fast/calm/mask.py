@@ -79,7 +79,7 @@ def finished_masks(logits: dict, tensors: dict, layout: Layout = Layout()):
 
 class BestMasks:
     """The masks [S > 0] at the best check of a step's held-out agreement (config.holdout):
-    a higher agreement replaces them, a tie keeps the earlier (sparser) ones. Kept packed, one
+    a higher agreement replaces them, a tie keeps the earlier ones. Kept packed, one
     bit per scalar, so the stopping rule costs 1/32 of the logits' memory."""
 
     def __init__(self, patience: int | None):
