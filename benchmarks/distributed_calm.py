@@ -84,11 +84,13 @@ def centred_heads(tower, pools: dict) -> dict:
 def merge(pretrained, finetuned, heads: dict, workload: dict, output: str):
     """calm_fast.merge(method="calm", output=...), as the single process and every rank call it."""
     import calm_fast
+    from calm_fast.calm.config import AUTHORS_SCALING
 
     model = build_tower(workload["tower"])
+    config = calm_fast.CALMConfig(init_scaling=AUTHORS_SCALING, **workload["config"])  # a fixed λ: this times the loop
     start = time.perf_counter()
     result = calm_fast.merge(pretrained, finetuned, method="calm", model=model, heads=heads,
-                             data=image_pools(workload), config=calm_fast.CALMConfig(**workload["config"]),
+                             data=image_pools(workload), config=config,
                              device="cpu", output=output, overwrite=True, progress=False)
     return result, time.perf_counter() - start
 

@@ -88,8 +88,9 @@ def _merge(args) -> int:
     _finish(job)
     log.info("wrote %s (report: %s)", job.output, os.path.join(job.output, REPORT_FILE))
     if result.report is not None:
-        log.info("order: initial %s, sequential %s; mask density %s", result.report.initial,
-                 result.report.sequential, {t: round(d, 5) for t, d in result.report.mask_density.items()})
+        log.info("order: initial %s (λ %s), sequential %s; mask density %s", result.report.initial,
+                 result.report.init_scaling, result.report.sequential,
+                 {t: round(d, 5) for t, d in result.report.mask_density.items()})
     return 0
 
 

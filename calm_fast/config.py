@@ -182,6 +182,8 @@ def _coerce(cls, name: str, value):
             _fail(where, "an integer", value)
         return value
     if kind.startswith("float"):
+        if kind.endswith("| str") and isinstance(value, str):  # a named choice, e.g. init_scaling: auto
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(where, "a number", value)
         return float(value)

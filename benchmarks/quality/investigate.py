@@ -19,6 +19,7 @@ from pathlib import Path
 
 import calm_fast
 import torch
+from calm_fast.calm.config import AUTHORS_SCALING
 
 from . import recipes
 from .data import random_shift
@@ -45,7 +46,14 @@ def generalize_variants(budget: recipes.CALMBudget) -> list[tuple]:
             ("order auto", dict(plain, order="auto"), "heldout"),
             ("plain loop", plain, "heldout"),
             ("3 sequential (auto)", dict(plain, order="auto", num_sequential=3), "heldout"),
-            ("plain loop", plain, "test")]
+            ("plain loop", plain, "test"),
+            ("initial λ 1.0", dict(plain, init_scaling=1.0), "heldout"),
+            ("initial λ 0.6", dict(plain, init_scaling=0.6), "heldout"),
+            ("initial λ 1.0", dict(plain, init_scaling=1.0), "test"),
+            ("initial λ auto", dict(plain, init_scaling="auto"), "heldout"),
+            ("initial λ auto", dict(plain, init_scaling="auto"), "test"),
+            ("initial λ auto, larger pool", dict(plain, init_scaling="auto"), "heldout+train"),
+            ("initial λ 1.0, larger pool", dict(plain, init_scaling=1.0), "heldout+train")]
     return [(f"{overrides['updates']} updates, {name}", overrides, *rest) for name, overrides, *rest in rows]
 
 
@@ -70,6 +78,8 @@ def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple]]:
         "honest": [("held-out, 3x updates", dict(updates=3 * budget.updates), "heldout"),
                    ("held-out, 100 updates", dict(updates=100), "heldout")],
         "generalize": generalize_variants(budget),
+        "initial_lambda": [(f"held-out, {n} sequential, initial λ {lam}", dict(init_scaling=lam, num_sequential=n),
+                            "heldout") for n in (2, 1) for lam in (0.3, 0.5, 0.7, 1.0, 1.5, "auto")],
     }
 
 
@@ -144,7 +154,9 @@ def main(argv=None) -> int:
     individual = {t: pseudo["test"][t]["accuracy_all"] for t in TASK_ORDER}
     variants = calm_variants(recipe.calm)
     budget = recipe.calm
-    loop = dict(updates=budget.updates, batches_per_task=budget.batches_per_task, batch_size=budget.batch_size)
+    # the authors' λ unless a row sets one: the rows measured before init_scaling="auto" became the default
+    loop = dict(updates=budget.updates, batches_per_task=budget.batches_per_task, batch_size=budget.batch_size,
+                init_scaling=AUTHORS_SCALING)
     todo = []
     if "baselines" in args.groups:
         for lam in args.lambdas:

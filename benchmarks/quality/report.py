@@ -41,13 +41,15 @@ def markdown(res: dict) -> str:
         lines.append(f"| {row['label']} | {cells} | **{row['normalized_average']:.3f}** |")
     calm_rows = [row for row in res["rows"] if "calm" in row]
     if calm_rows:
-        lines += ["", "## CALM details", "", "| run | sequential (in order) | mask density per step | "
-                  "TA agreement (auto) |", "|---|---|---|---|"]
+        lines += ["", "## CALM details", "", "| run | sequential (in order) | initial λ | mask density per step | "
+                  "TA agreement (auto) |", "|---|---|---|---|---|"]
         for row in calm_rows:
             c = row["calm"]
             dens = ", ".join(f"{SHORT[t]} {d:.2e}" for t, d in c["mask_density"].items())
             agree = ", ".join(f"{SHORT[t]} {a:.2f}" for t, a in c["agreement"].items()) or "-"
-            lines.append(f"| {row['name']} | {', '.join(SHORT[t] for t in c['sequential'])} | {dens} | {agree} |")
+            scaling = c.get("init_scaling") or "-"  # rows written before init_scaling="auto" lack it
+            lines.append(f"| {row['name']} | {', '.join(SHORT[t] for t in c['sequential'])} | {scaling} | {dens} "
+                         f"| {agree} |")
     pl = res["pseudo_labels"]
     lines += ["", "## Pseudo-label quality (fine-tuned model on CALM's unlabeled pool, CB-EMS ratio 0.9)", "",
               "| pool | " + " | ".join(SHORT[t] for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -73,7 +75,8 @@ def markdown(res: dict) -> str:
 PLOT_NAMES = {"individual": "individual", "pretrained": "pretrained", "average": "average",
               "task_arithmetic": "task arithmetic", "ties": "TIES", "consensus": "TALL/consensus",
               "calm": "CALM", "calm_auto": "CALM auto", "calm_honest": "CALM held-out",
-              "calm_auto_honest": "CALM auto held-out", "calm_pooled_honest": "CALM held-out + FT inputs"}
+              "calm_auto_honest": "CALM auto held-out", "calm_pooled_honest": "CALM held-out + FT inputs",
+              "calm_honest_authors_scaling": "CALM held-out, authors' λ"}
 
 
 def plot(res: dict, path: Path) -> None:

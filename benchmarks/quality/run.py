@@ -23,6 +23,7 @@ import torch
 
 import calm_fast
 from calm_fast import sampling
+from calm_fast.calm.config import AUTHORS_SCALING
 
 from .. import harness
 from . import recipes
@@ -68,6 +69,9 @@ def methods_for(recipe: recipes.Recipe) -> list[Method]:
                calm_fast.CALMConfig(order="auto", **calm), unlabeled="heldout"),
         Method("calm_pooled_honest", f"CALM, defaults, held-out unlabeled + fine-tuning inputs{loop}", "calm",
                calm_fast.CALMConfig(**calm), unlabeled="heldout+train"),
+        Method("calm_honest_authors_scaling",
+               f"CALM, the authors' initial λ {AUTHORS_SCALING}, held-out unlabeled{loop}", "calm",
+               calm_fast.CALMConfig(init_scaling=AUTHORS_SCALING, **calm), unlabeled="heldout"),
     ]
 
 
@@ -182,6 +186,7 @@ def calm_summary(result) -> dict:
             "pseudo_label_counts": {t: sum(c.values()) for t, c in rep.pseudo_labels.items()},
             "pool_sizes": rep.pool_sizes, "losses_first_last": {t: [l[0], l[-1]] for t, l in rep.losses.items()},
             "step_sizes_first_last": {t: [s[0], s[-1]] for t, s in rep.step_sizes.items()},
+            "init_scaling": rep.init_scaling, "scaling_agreement": rep.scaling_agreement,
             "checks": rep.checks, "best_update": rep.best_update, "seconds": rep.seconds}
 
 

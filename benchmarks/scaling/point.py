@@ -138,11 +138,13 @@ def calm_probe(model, pools, heads, task: str, device) -> dict:
 def calm_point(spec: dict, device, pretrained: str, finetuned: dict) -> dict:
     """CALM over the checkpoint paths: the probe, then the merge with its phases per step."""
     import calm_fast
+    from calm_fast.calm.config import AUTHORS_SCALING
 
     tasks = list(finetuned)
     model, pools, heads = calm_inputs(spec, device, pretrained, tasks)
     config = calm_fast.CALMConfig(initial=tuple(tasks[:1]), sequential=tuple(tasks[1:]), updates=spec["updates"],
-                                  batches_per_task=1, batch_size=BATCH, sparsity=1e-3, score_batch_size=64)
+                                  batches_per_task=1, batch_size=BATCH, sparsity=1e-3, score_batch_size=64,
+                                  init_scaling=AUTHORS_SCALING)  # a fixed λ: this times the mask loop
     out = {"probe": calm_probe(model, pools, heads, tasks[0], device)}
     events = []
     with MemoryWindow(device, sample="always", interval=0.005) as window:

@@ -1,4 +1,4 @@
-"""CALM's hyper-parameters: the authors' values, except the scale-free step."""
+"""CALM's hyper-parameters: the authors' values, except the scale-free step and the initial λ."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,17 +9,21 @@ STEP_RULES = ("normalized", "authors")
 ACCUMULATIONS = ("sum", "mean")
 ORDERS = ("given", "auto")
 REGULARIZERS = ("polarize", "l1", "none")
+AUTHORS_SCALING = 0.3  # the authors' λ for their six-task initial group
+SCALING_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(1, 11))  # init_scaling="auto" picks one
+SCALING_ROWS = 1024  # init_scaling="auto": pseudo-labels scored per initial task and candidate
 
 
 @dataclass(frozen=True)
 class CALMConfig:
-    """Hyper-parameters; defaults are the authors' values except the scale-free step."""
+    """Hyper-parameters; defaults are the authors' values except the scale-free step and the
+    initial group's λ, chosen from its pseudo-labels (init_scaling="auto")."""
 
     initial: tuple[str, ...] | None = None  # tasks merged by task arithmetic (G0)
     sequential: tuple[str, ...] | None = None  # tasks added one by one with a learned mask
     order: str = "given"  # "auto": choose the sequential tasks from pseudo-label agreement
     num_sequential: int = 2  # how many sequential tasks when they are not named
-    init_scaling: float = 0.3  # λ of the task arithmetic over G0
+    init_scaling: float | str = "auto"  # λ of the task arithmetic over G0; "auto": CALMMerger.choose_scaling
     ratio: float = 0.9  # CB-EMS: fraction of each predicted class kept
     balanced: bool = True  # False: plain EMS (lowest entropy over the whole task)
     sparsity: float = 1e-5  # initial mask: top-k of |τj|, k = floor(sparsity · N)
@@ -40,6 +44,11 @@ class CALMConfig:
     patience: int | None = None  # with holdout: stop a step after this many checks without a better one
 
     @property
+    def order_scaling(self) -> float:
+        """λ of the all-task task arithmetic that order="auto" ranks the tasks by."""
+        return AUTHORS_SCALING if self.init_scaling == "auto" else self.init_scaling
+
+    @property
     def step_size(self) -> float:
         if self.lr is not None:
             return self.lr
@@ -53,6 +62,8 @@ class CALMConfig:
                               ("reg", REGULARIZERS)):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), f"one of {allowed}")
+        if self.init_scaling != "auto" and (isinstance(self.init_scaling, str) or self.init_scaling <= 0):
+            bad("init_scaling", self.init_scaling, '> 0 or "auto"')
         if not 0.0 < self.ratio <= 1.0:
             bad("ratio", self.ratio, "in (0, 1]")
         if not 0.0 <= self.holdout < 1.0:

@@ -72,5 +72,5 @@ def auto_order(tasks: list[str], agreement: dict[str, float], config: CALMConfig
     count = min(config.num_sequential, len(tasks) - 1)
     sequential = sorted(tasks, key=lambda t: agreement[t])[:count]
     reason = (f"auto: the {count} task(s) whose pseudo-labels the task-arithmetic model "
-              f"(λ={config.init_scaling}) agrees with least go sequential, least first")
+              f"(λ={config.order_scaling}) agrees with least go sequential, least first")
     return [t for t in tasks if t not in sequential], sequential, reason
