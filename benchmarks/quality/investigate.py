@@ -78,8 +78,8 @@ def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple]]:
         "honest": [("held-out, 3x updates", dict(updates=3 * budget.updates), "heldout"),
                    ("held-out, 100 updates", dict(updates=100), "heldout")],
         "generalize": generalize_variants(budget),
-        "initial_lambda": [(f"held-out, {n} sequential, initial λ {lam}", dict(init_scaling=lam, num_sequential=n),
-                            "heldout") for n in (2, 1) for lam in (0.3, 0.5, 0.7, 1.0, 1.5, "auto")],
+        "initial_lambda": [(f"held-out, 2 sequential, initial λ {lam}", dict(init_scaling=lam), "heldout")
+                           for lam in (0.3, 0.5, 0.7, 1.0, 1.5)],
     }
 
 
