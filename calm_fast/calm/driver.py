@@ -103,7 +103,7 @@ class CALMMerger:
         """The initial group's λ: the config's, or with init_scaling="auto" the candidate whose
         task arithmetic over the initial group agrees best with those tasks' pseudo-labels (up to
         SCALING_ROWS of each task's training rows, drawn from the seed; a tie keeps the smaller λ).
-        The authors' 0.3 suits their six initial tasks; a smaller group wants a larger λ."""
+        The authors tuned their 0.3 for six initial tasks; it need not suit another group."""
         rep, cfg = self.report, self.config
         if cfg.init_scaling != "auto" or not rep.initial:
             rep.init_scaling = cfg.order_scaling
