@@ -72,11 +72,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-PLOT_NAMES = {"individual": "individual", "pretrained": "pretrained", "average": "average",
-              "task_arithmetic": "task arithmetic", "ties": "TIES", "consensus": "TALL/consensus",
-              "calm": "CALM", "calm_auto": "CALM auto", "calm_honest": "CALM held-out",
-              "calm_auto_honest": "CALM auto held-out", "calm_pooled_honest": "CALM held-out + FT inputs",
-              "calm_honest_authors_scaling": "CALM held-out, authors' λ"}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -93,7 +88,7 @@ def plot(res: dict, path: Path) -> None:
     for i, row in enumerate(rows):
         values = [row["normalized"][t] for t in tasks] + [row["normalized_average"]]
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=f"{PLOT_NAMES.get(row['name'], row['name'])}: "
+        ax.bar(xs, values, width, label=f"{row.get('short', row['name'])}: "
                f"mean acc {row['average']:.3f}, {row['merge_seconds']:.0f}s", color=cmap(i % 10))
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(recipes.BAR_KEEP, color="gray", lw=0.8, ls="--")

@@ -45,6 +45,7 @@ class Method:
     config: object = None
     unlabeled: str = "test"  # CALM's data: a key of UNLABELED (Setup.unlabeled)
     kwargs: dict = field(default_factory=dict)
+    short: str = ""  # the plot's legend name (default: name)
 
 
 def methods_for(recipe: recipes.Recipe) -> list[Method]:
@@ -55,23 +56,26 @@ def methods_for(recipe: recipes.Recipe) -> list[Method]:
     loop = f", {loop}" if loop else ""
     dfc = calm_fast.DataFreeConfig()
     return [
-        Method("pretrained", "pretrained backbone + task heads", "pretrained"),
-        Method("average", "weight averaging", "average", dfc),
-        Method("task_arithmetic", f"task arithmetic (λ {dfc.scaling})", "task_arithmetic", dfc),
-        Method("ties", f"TIES (λ {dfc.scaling}, top {dfc.density:.0%})", "ties", dfc),
-        Method("consensus", f"consensus / TALL (λ {dfc.scaling}, k {dfc.min_votes})", "consensus", dfc),
-        Method("calm", f"CALM, defaults, transductive{loop}", "calm", calm_fast.CALMConfig(**calm)),
+        Method("pretrained", "pretrained backbone + task heads", "pretrained", short="pretrained"),
+        Method("average", "weight averaging", "average", dfc, short="average"),
+        Method("task_arithmetic", f"task arithmetic (λ {dfc.scaling})", "task_arithmetic", dfc,
+               short="task arithmetic"),
+        Method("ties", f"TIES (λ {dfc.scaling}, top {dfc.density:.0%})", "ties", dfc, short="TIES"),
+        Method("consensus", f"consensus / TALL (λ {dfc.scaling}, k {dfc.min_votes})", "consensus", dfc,
+               short="TALL/consensus"),
+        Method("calm", f"CALM, defaults, transductive{loop}", "calm", calm_fast.CALMConfig(**calm), short="CALM"),
         Method("calm_auto", f"CALM, order=auto, transductive{loop}", "calm",
-               calm_fast.CALMConfig(order="auto", **calm)),
+               calm_fast.CALMConfig(order="auto", **calm), short="CALM auto"),
         Method("calm_honest", f"CALM, defaults, held-out unlabeled{loop}", "calm",
-               calm_fast.CALMConfig(**calm), unlabeled="heldout"),
+               calm_fast.CALMConfig(**calm), unlabeled="heldout", short="CALM held-out"),
         Method("calm_auto_honest", f"CALM, order=auto, held-out unlabeled{loop}", "calm",
-               calm_fast.CALMConfig(order="auto", **calm), unlabeled="heldout"),
+               calm_fast.CALMConfig(order="auto", **calm), unlabeled="heldout", short="CALM auto held-out"),
         Method("calm_pooled_honest", f"CALM, defaults, held-out unlabeled + fine-tuning inputs{loop}", "calm",
-               calm_fast.CALMConfig(**calm), unlabeled="heldout+train"),
+               calm_fast.CALMConfig(**calm), unlabeled="heldout+train", short="CALM held-out + FT inputs"),
         Method("calm_honest_authors_scaling",
                f"CALM, the authors' initial λ {AUTHORS_SCALING}, held-out unlabeled{loop}", "calm",
-               calm_fast.CALMConfig(init_scaling=AUTHORS_SCALING, **calm), unlabeled="heldout"),
+               calm_fast.CALMConfig(init_scaling=AUTHORS_SCALING, **calm), unlabeled="heldout",
+               short="CALM held-out, authors' λ"),
     ]
 
 
@@ -205,12 +209,13 @@ def run(size: str = "ci", device: str = "cpu", only=None, log=print, retrain: bo
     individual = {t: pseudo["test"][t]["accuracy_all"] for t in TASKS}  # own model on its own test split
     log("individual: " + ", ".join(f"{t} {a:.3f}" for t, a in individual.items()))
     rows = [{"name": "individual", "label": "individual fine-tuned models (each on its own task)",
-             **summarize(individual, individual), "merge_seconds": 0.0}]
+             "short": "individual", **summarize(individual, individual), "merge_seconds": 0.0}]
     for spec in methods_for(recipe):
         if only and spec.name not in only:
             continue
         state, result, seconds = merge(setup, spec)
-        row = {"name": spec.name, "label": spec.label, **summarize(setup.evaluate(state), individual),
+        row = {"name": spec.name, "label": spec.label, "short": spec.short or spec.name,
+               **summarize(setup.evaluate(state), individual),
                "merge_seconds": seconds}
         if spec.method == "calm":
             row["calm"] = calm_summary(result)
