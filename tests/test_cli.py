@@ -102,8 +102,8 @@ def test_data_free_merge_writes_shards_equal_to_the_python_api(cli, toy, tmp_pat
     assert all(torch.equal(written[k], v) for k, v in expected.state_dict.items())
 
 
-@pytest.mark.parametrize("given, parsed", [("auto", "auto"), (1, 1.0), (0.5, 0.5)])
-def test_init_scaling_is_a_number_or_auto(toy, tmp_path, given, parsed):
+@pytest.mark.parametrize("given, parsed", [("auto", "auto"), ("trial", "trial"), (1, 1.0), (0.5, 0.5)])
+def test_init_scaling_is_a_number_auto_or_trial(toy, tmp_path, given, parsed):
     path = _config(toy, tmp_path, options={"init_scaling": given})
     assert config_file.load(str(path)).options.init_scaling == parsed
 
@@ -114,7 +114,7 @@ def test_init_scaling_is_a_number_or_auto(toy, tmp_path, given, parsed):
     ({"output": None}, "field 'output' is required"),
     ({"options": {"updates": "many"}}, "field 'options.updates': must be an integer"),
     ({"options": {"step": "sideways"}}, "CALMConfig.step must be one of"),
-    ({"options": {"init_scaling": "best"}}, 'CALMConfig.init_scaling must be > 0 or "auto"'),
+    ({"options": {"init_scaling": "best"}}, r"CALMConfig.init_scaling must be > 0 or one of \('auto', 'trial'\)"),
     ({"options": {"init_scaling": True}}, "field 'options.init_scaling': must be a number"),
     ({"options": {"lr_scale": 2}}, r"\['lr_scale'\] are not options of method 'calm'"),
     ({"options": {"delta_dtype": "int8"}}, "field 'options.delta_dtype': must be one of"),

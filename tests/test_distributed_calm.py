@@ -35,7 +35,8 @@ def _write_problem(folder, kind, pretrained, finetuned, heads, data, config, **e
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     """Branch tasks with task vectors on a grid of 1/256 (|τ| ties at the threshold), the same
-    with the held-out stopping rule and augmented training batches, and a tiny ViT whose 1-row
+    with the held-out stopping rule, augmented training batches and the initial λ from trial
+    loops, and a tiny ViT whose 1-row
     parameters (cls, pos) leave rank 1 an empty shard."""
     root = tmp_path_factory.mktemp("problems")
     pre, ft, heads, data = make_tasks(num_tasks=3, examples=128)
@@ -47,7 +48,7 @@ def problems(tmp_path_factory):
                             {"updates": 8, "batch_size": 48, "num_sequential": 2, "sparsity": 0.05})
     checked = _write_problem(root / "checked", "branch", pre, ft, heads, data,
                              {"updates": 8, "batch_size": 48, "num_sequential": 2, "sparsity": 0.05,
-                              "holdout": 0.25, "check_every": 3}, jitter=0.05)
+                              "holdout": 0.25, "check_every": 3, "init_scaling": "trial"}, jitter=0.05)
     pre, ft, heads, batches = make_vit_tasks(num_tasks=3, examples=96)
     pools = {t: {"pixel_values": torch.cat([b["pixel_values"] for b, _ in batches[t]])} for t in ft}
     vit = _write_problem(root / "vit", "vit", pre, ft, heads, pools,
@@ -102,9 +103,9 @@ def test_two_ranks_merge_as_one_process_does(problems, tmp_path, name):
     problem, kind = problems[name], "vit" if name == "vit" else "branch"
     one, single = _merge(problem, tmp_path, 1, "one")
     two, sharded = _merge(problem, tmp_path, 2, "two")
-    assert bool(single["checks"]) == (name == "checked")
+    assert bool(single["checks"]) == bool(single["trial_agreement"]) == (name == "checked")
     for field in ("initial", "sequential", "pseudo_labels", "pool_sizes", "agreement", "init_scaling",
-                  "scaling_agreement", "no_grad_keys", "checks", "best_update"):
+                  "scaling_agreement", "trial_agreement", "no_grad_keys", "checks", "best_update"):
         assert sharded[field] == single[field], field
     # the ranks sum gradients in another order: step sizes measured up to 5.2e-4 apart (branch, the
     # auto λ 0.5 of these problems) while every mask bit agrees

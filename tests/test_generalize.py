@@ -1,5 +1,5 @@
 """What helps masks generalize beyond their unlabeled pool: the initial group's λ chosen from
-its pseudo-labels (CALMConfig.init_scaling="auto"), the held-out stopping rule
+its pseudo-labels (CALMConfig.init_scaling="auto") or from short trial loops ("trial"), the held-out stopping rule
 (CALMConfig.holdout / check_every / patience) and training-batch augmentation (merge(augment=)).
 Their effect on accuracy is measured in benchmarks/quality (tests/test_quality.py holds it);
 here: that they do what they say, deterministically, and change nothing when unused."""
@@ -9,7 +9,7 @@ import torch
 import calm_fast
 from calm_fast import CALMConfig, ops
 from calm_fast.calm import labels, mask
-from calm_fast.calm.config import SCALING_CANDIDATES
+from calm_fast.calm.config import SCALING_CANDIDATES, TRIAL_FACTORS
 from merge_fixtures import make_tasks
 
 CONFIG = dict(updates=6, batch_size=32, sequential=("task2", "task3"))
@@ -117,8 +117,9 @@ def _jitter(batch, generator):
     return batch + 0.1 * torch.randn(batch.shape, generator=generator)
 
 
-@pytest.mark.parametrize("options", [dict(holdout=0.25, check_every=2, augment=_jitter), dict(init_scaling="auto")],
-                         ids=["holdout+augment", "auto-scaling"])
+@pytest.mark.parametrize("options", [dict(holdout=0.25, check_every=2, augment=_jitter), dict(init_scaling="auto"),
+                                     dict(init_scaling="trial", trial_updates=2)],
+                         ids=["holdout+augment", "auto-scaling", "trial-scaling"])
 def test_resume_gives_the_uninterrupted_result(tasks, tmp_path, monkeypatch, options):
     from calm_fast.calm import CALMMerger
 
@@ -126,7 +127,7 @@ def test_resume_gives_the_uninterrupted_result(tasks, tmp_path, monkeypatch, opt
     original, calls = CALMMerger.optimize_step, []
 
     def interrupted(self, task, seen):
-        calls.append(task)
+        calls.extend([task] if self.step_label == "masking" else [])  # not the trial loops' steps
         if len(calls) == 2:
             raise RuntimeError("simulated interruption")
         return original(self, task, seen)
@@ -140,6 +141,7 @@ def test_resume_gives_the_uninterrupted_result(tasks, tmp_path, monkeypatch, opt
     _same(reference, resumed)
     assert resumed.report.checks == reference.report.checks
     assert resumed.report.init_scaling == reference.report.init_scaling
+    assert resumed.report.trial_agreement == reference.report.trial_agreement
 
 
 def test_auto_scaling_picks_the_best_agreeing_candidate_and_runs_as_that_lambda(tasks, tmp_path):
@@ -159,10 +161,34 @@ def test_auto_scaling_picks_the_best_agreeing_candidate_and_runs_as_that_lambda(
     assert all(torch.equal(replayed[k], auto.state_dict[k]) for k in replayed)
 
 
+def test_trial_scaling_keeps_the_best_trial_and_runs_as_that_lambda(tasks):
+    trial = _merge(tasks, init_scaling="trial", trial_updates=3)
+    rep = trial.report
+    auto = max(rep.scaling_agreement, key=lambda pair: pair[1])[0]  # what init_scaling="auto" keeps
+    assert [lam for lam, _ in rep.trial_agreement] == sorted({round(auto * f, 4) for f in TRIAL_FACTORS})
+    best = max(score for _, score in rep.trial_agreement)
+    assert rep.init_scaling == next(lam for lam, score in rep.trial_agreement if score == best)
+    assert 0.0 < best <= 1.0 and rep.seconds["scaling"] > 0
+    assert rep.step_sizes.keys() == rep.losses.keys() == {"task2", "task3"}
+    assert all(len(sizes) == CONFIG["updates"] for sizes in rep.step_sizes.values())  # the trials' are not kept
+    fixed = _merge(tasks, init_scaling=rep.init_scaling)
+    _same(trial, fixed)  # the trials touch neither the run's generator nor its training rows
+    assert fixed.report.trial_agreement == [] and fixed.report.init_scaling == rep.init_scaling
+
+
+def test_trial_scaling_needs_pseudo_labels_to_check_on(tasks):
+    pre, ft, heads, data = tasks
+    few = {t: d[:12] for t, d in data.items()}  # 1 to 3 pseudo-labels per class: none set aside
+    with pytest.raises(ValueError, match='init_scaling="trial" checks its trials on that fraction'):
+        calm_fast.merge(pre, ft, method="calm", heads=heads, data=few, device="cpu", progress=False,
+                        config=CALMConfig(**{**CONFIG, "init_scaling": "trial", "batch_size": 4}))
+
+
 @pytest.mark.parametrize("field, value, allowed", [("holdout", 1.0, r"in \[0, 1\)"), ("holdout", -0.1, r"in \[0, 1\)"),
                                                    ("patience", 0, "None or >= 1"), ("check_every", 0, ">= 1"),
-                                                   ("init_scaling", "best", '> 0 or "auto"'),
-                                                   ("init_scaling", 0.0, '> 0 or "auto"')])
+                                                   ("trial_updates", 0, "None or >= 1"),
+                                                   ("init_scaling", "best", r"> 0 or one of \('auto', 'trial'\)"),
+                                                   ("init_scaling", 0.0, r"> 0 or one of \('auto', 'trial'\)")])
 def test_bad_stopping_rule_settings_are_refused(field, value, allowed):
     with pytest.raises(ValueError, match=f"CALMConfig.{field} must be {allowed}"):
         CALMConfig(**{field: value}).validate()

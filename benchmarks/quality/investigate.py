@@ -53,7 +53,13 @@ def generalize_variants(budget: recipes.CALMBudget) -> list[tuple]:
             ("initial λ auto", dict(plain, init_scaling="auto"), "heldout"),
             ("initial λ auto", dict(plain, init_scaling="auto"), "test"),
             ("initial λ auto, larger pool", dict(plain, init_scaling="auto"), "heldout+train"),
-            ("initial λ 1.0, larger pool", dict(plain, init_scaling=1.0), "heldout+train")]
+            ("initial λ 1.0, larger pool", dict(plain, init_scaling=1.0), "heldout+train"),
+            ("initial λ trial", dict(plain, init_scaling="trial"), "heldout"),
+            ("initial λ 1.2", dict(plain, init_scaling=1.2), "heldout"),
+            ("initial λ trial", dict(plain, init_scaling="trial"), "test"),
+            ("initial λ 1.5", dict(plain, init_scaling=1.5), "heldout"),
+            ("3 sequential (auto), initial λ 1.0", dict(plain, order="auto", num_sequential=3, init_scaling=1.0),
+             "heldout")]
     return [(f"{overrides['updates']} updates, {name}", overrides, *rest) for name, overrides, *rest in rows]
 
 
@@ -80,6 +86,10 @@ def calm_variants(budget: recipes.CALMBudget) -> dict[str, list[tuple]]:
         "generalize": generalize_variants(budget),
         "initial_lambda": [(f"held-out, 2 sequential, initial λ {lam}", dict(init_scaling=lam), "heldout")
                            for lam in (0.3, 0.5, 0.7, 1.0, 1.5)],
+        # does the pool's own held-out agreement after the loop rank the initial λ as the test sets do?
+        "lambda_checks": [(f"{updates} updates, holdout 0.2, initial λ {lam}",
+                           dict(updates=updates, holdout=0.2, init_scaling=lam), "heldout")
+                          for updates in (GENERALIZE_UPDATES, GENERALIZE_UPDATES // 4) for lam in (0.6, 1.0, 0.8, 1.2)],
     }
 
 

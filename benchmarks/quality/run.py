@@ -76,6 +76,8 @@ def methods_for(recipe: recipes.Recipe) -> list[Method]:
                f"CALM, the authors' initial λ {AUTHORS_SCALING}, held-out unlabeled{loop}", "calm",
                calm_fast.CALMConfig(init_scaling=AUTHORS_SCALING, **calm), unlabeled="heldout",
                short="CALM held-out, authors' λ"),
+        Method("calm_honest_trial", f"CALM, initial λ from trial loops, held-out unlabeled{loop}", "calm",
+               calm_fast.CALMConfig(init_scaling="trial", **calm), unlabeled="heldout", short="CALM held-out, trial λ"),
     ]
 
 
@@ -191,6 +193,7 @@ def calm_summary(result) -> dict:
             "pool_sizes": rep.pool_sizes, "losses_first_last": {t: [l[0], l[-1]] for t, l in rep.losses.items()},
             "step_sizes_first_last": {t: [s[0], s[-1]] for t, s in rep.step_sizes.items()},
             "init_scaling": rep.init_scaling, "scaling_agreement": rep.scaling_agreement,
+            "trial_agreement": rep.trial_agreement,
             "checks": rep.checks, "best_update": rep.best_update, "seconds": rep.seconds}
 
 

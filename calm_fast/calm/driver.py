@@ -1,14 +1,16 @@
 """CALMMerger: the three stages of CALM in order over one model, with resume after each step."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
 from .. import maskfile, ops, sampling
 from ..checkpoint import spec
 from . import labels, mask, progress
-from .config import SCALING_CANDIDATES, SCALING_ROWS, CALMConfig
+from .config import SCALING_CANDIDATES, SCALING_MODES, SCALING_ROWS, TRIAL_FACTORS, TRIAL_HOLDOUT, CALMConfig
 from .layout import Layout
 from .report import CALMReport, PhaseTimer
 from .weights import check_model, default_forward, merged_parameter, trainable_tensors
@@ -20,6 +22,8 @@ class CALMMerger:
     layout: where this process's part of each tensor lives (Layout: all of it; under
     torch.distributed, calm_fast.distributed.fsdp.ShardedLayout: FSDP2 shards).
     """
+
+    step_label = "masking"  # progress bars; a trial loop of init_scaling="trial" names its λ
 
     def __init__(self, pretrained, finetuned, keys, model, heads, data, forward, config: CALMConfig,
                  device, seed: int, progress_bar, progress_file: str | None = None, layout: Layout | None = None,
@@ -105,7 +109,7 @@ class CALMMerger:
         SCALING_ROWS of each task's training rows, drawn from the seed; a tie keeps the smaller λ).
         The authors tuned their 0.3 for six initial tasks; it need not suit another group."""
         rep, cfg = self.report, self.config
-        if cfg.init_scaling != "auto" or not rep.initial:
+        if cfg.init_scaling not in SCALING_MODES or not rep.initial:
             rep.init_scaling = cfg.order_scaling
             return
         generator = torch.Generator().manual_seed(self.seed)
@@ -120,6 +124,38 @@ class CALMMerger:
                 score = sum(self.agreement(task, *rows[task]) for task in rep.initial) / len(rep.initial)
                 rep.scaling_agreement.append([scaling, score])
         rep.init_scaling = max(rep.scaling_agreement, key=lambda pair: pair[1])[0]  # first of equals: smaller λ
+
+    def try_scalings(self) -> None:
+        """init_scaling="trial": auto's λ is best for task arithmetic, but the sequential masks also
+        repair the initial group's conflicts, so a larger λ can end better. Each multiple
+        TRIAL_FACTORS of auto's λ runs the whole sequential loop at config.trial_length updates per
+        step, training on all but TRIAL_HOLDOUT of each task's pseudo-labels; the λ whose final model
+        agrees best with the rest (mean over tasks) is kept, a tie keeping the smaller. The trials
+        draw from their own generator: the run is then the run with the kept λ given as a number."""
+        rep, cfg = self.report, self.config
+        if cfg.init_scaling != "trial" or not rep.initial or not rep.sequential:
+            return
+        split = torch.Generator().manual_seed(self.seed)
+        training, checking = {}, {}
+        for task in self.tasks:
+            keep, labels_ = self.training[task]
+            try:
+                train, check = labels.split_holdout(task, labels_, TRIAL_HOLDOUT, split)
+            except ValueError as error:
+                raise ValueError(f'{error} (init_scaling="trial" checks its trials on that fraction)') from None
+            training[task], checking[task] = (keep[train], labels_[train]), (keep[check], labels_[check])
+        with self.timer.phase("scaling"):
+            for scaling in sorted({round(rep.init_scaling * factor, 4) for factor in TRIAL_FACTORS}):
+                trial = copy.copy(self)
+                trial.config = replace(cfg, updates=cfg.trial_length, holdout=0.0)
+                trial.report = CALMReport(self.tasks, rep.initial, rep.sequential, init_scaling=scaling)
+                trial.timer = PhaseTimer(trial.report, self.device)
+                trial.generator = torch.Generator().manual_seed(self.seed)
+                trial.training, trial.checking, trial.progress_file = training, checking, None
+                trial.step_label = f"trial λ {scaling}"
+                trial.sequential_steps({}, {})
+                rep.trial_agreement.append([scaling, trial.check(self.tasks)])
+        rep.init_scaling = max(rep.trial_agreement, key=lambda pair: pair[1])[0]  # first of equals: smaller λ
 
     @torch.no_grad()
     def agreement(self, task: str, keep: torch.Tensor, labels_: torch.Tensor) -> float:
@@ -186,7 +222,7 @@ class CALMMerger:
         if best is not None:
             best.offer(0, self.check(seen), logits)
         losses, sizes = [], rep.step_sizes.setdefault(task, [])
-        for done in self._bar(range(1, cfg.updates + 1), desc=f"masking {task}"):
+        for done in self._bar(range(1, cfg.updates + 1), desc=f"{self.step_label} {task}"):
             with self.timer.phase("forward_backward"):
                 losses.append(self._accumulate_gradients(seen))
             with self.timer.phase("mask_step"):
@@ -250,6 +286,16 @@ class CALMMerger:
             self.pseudo_label()
             self.choose_order()
             self.choose_scaling()
+            self.try_scalings()
+        self.sequential_steps(local, whole)
+        for t in self.tensors.values():
+            if isinstance(t, torch.nn.Parameter):
+                t.requires_grad_(False)
+        return {k: t.detach() for k, t in self.tensors.items()}, self.masks(whole), self.report
+
+    def sequential_steps(self, local: dict, whole: dict) -> None:
+        """The initial merge, then each sequential step not in `local` (the finished steps'
+        masks): its masks into `local` and `whole`, and with a progress file saved after it."""
         rep = self.report
         steps = [(task, local[task], set(rep.no_grad_keys[task])) for task in local]
         with self.timer.phase("initial_merge"):
@@ -264,7 +310,3 @@ class CALMMerger:
             if self.progress_file is not None and self.layout.writes:
                 progress.save(self.progress_file, self.masks(whole), self.fingerprint(), rep, self.generator,
                               self.selected)
-        for t in self.tensors.values():
-            if isinstance(t, torch.nn.Parameter):
-                t.requires_grad_(False)
-        return {k: t.detach() for k, t in self.tensors.items()}, self.masks(whole), rep

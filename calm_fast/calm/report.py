@@ -17,6 +17,7 @@ class CALMReport:
     agreement: dict[str, float] = field(default_factory=dict)  # order="auto": TA model vs pseudo-labels
     init_scaling: float | None = None  # the initial group's λ this run used
     scaling_agreement: list[list[float]] = field(default_factory=list)  # init_scaling="auto": [λ, agreement]
+    trial_agreement: list[list[float]] = field(default_factory=list)  # init_scaling="trial": [λ, held-out agreement]
     pseudo_labels: dict[str, dict[int, int]] = field(default_factory=dict)  # task -> class -> kept
     pool_sizes: dict[str, int] = field(default_factory=dict)
     mask_density: dict[str, float] = field(default_factory=dict)  # step task -> kept fraction
