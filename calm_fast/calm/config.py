@@ -54,6 +54,7 @@ class CALMConfig:
 
     @property
     def trial_length(self) -> int:
+        """Updates per sequential step of each init_scaling="trial" loop."""
         return self.trial_updates if self.trial_updates is not None else max(1, self.updates // 4)
 
     @property

@@ -81,14 +81,19 @@ class CALMMerger:
         self.split_holdout()
 
     def split_holdout(self) -> None:
-        """Set config.holdout of each task's pseudo-labels aside to check the masks on (the same
-        split on every process and on resume: drawn from the seed alone)."""
+        """Set config.holdout of each task's pseudo-labels aside to check the masks on."""
+        self.training, self.checking = self.split_rows(self.selected, self.config.holdout)
+
+    def split_rows(self, rows: dict, fraction: float) -> tuple[dict, dict]:
+        """(to train on, to check on): `fraction` of each task's (pool rows, pseudo-labels) set
+        aside per class, drawn from the seed alone (the same split on every process and on resume)."""
         generator = torch.Generator().manual_seed(self.seed)
+        training, checking = {}, {}
         for task in self.tasks:
-            keep, labels_ = self.selected[task]
-            train, check = labels.split_holdout(task, labels_, self.config.holdout, generator)
-            self.training[task] = (keep[train], labels_[train])
-            self.checking[task] = (keep[check], labels_[check])
+            keep, labels_ = rows[task]
+            train, check = labels.split_holdout(task, labels_, fraction, generator)
+            training[task], checking[task] = (keep[train], labels_[train]), (keep[check], labels_[check])
+        return training, checking
 
     def choose_order(self) -> None:
         rep = self.report
@@ -135,15 +140,10 @@ class CALMMerger:
         rep, cfg = self.report, self.config
         if cfg.init_scaling != "trial" or not rep.initial or not rep.sequential:
             return
-        split = torch.Generator().manual_seed(self.seed)
-        training, checking = {}, {}
-        for task in self.tasks:
-            keep, labels_ = self.training[task]
-            try:
-                train, check = labels.split_holdout(task, labels_, TRIAL_HOLDOUT, split)
-            except ValueError as error:
-                raise ValueError(f'{error} (init_scaling="trial" checks its trials on that fraction)') from None
-            training[task], checking[task] = (keep[train], labels_[train]), (keep[check], labels_[check])
+        try:
+            training, checking = self.split_rows(self.training, TRIAL_HOLDOUT)
+        except ValueError as error:
+            raise ValueError(f'{error} (init_scaling="trial" checks its trials on that fraction)') from None
         with self.timer.phase("scaling"):
             for scaling in sorted({round(rep.init_scaling * factor, 4) for factor in TRIAL_FACTORS}):
                 trial = copy.copy(self)
