@@ -17,6 +17,7 @@ Output: benchmarks/results/distributed_calm_cpu.{json,md} (--quick: distributed_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -112,27 +113,28 @@ def child(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from calm_fast.distributed import process_group
+
     if int(args.mmap_threshold):
         harness.fix_malloc_mmap_threshold(int(args.mmap_threshold))
     spec = json.loads(Path(args.spec).read_text())
     rank = int(os.environ.get("RANK", "0"))
-    if args.world:
-        dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=args.world,
-                                timeout=timedelta(seconds=900))
-    warm_up(os.path.join(args.scratch, "warm"))
-    heads = {t: torch.nn.Linear(EMBED, CLASSES).requires_grad_(False) for t in TASKS}
-    for task, state in torch.load(spec["heads"], weights_only=True).items():
-        heads[task].load_state_dict(state)
-    with MemoryWindow("cpu", sample="always", interval=SAMPLE_SECONDS) as window:
-        result, seconds = merge(spec["pretrained"], spec["tasks"], heads, WORKLOADS[spec["workload"]], args.output)
-    report = result.report
-    harness.emit({"rank": rank, "seconds": seconds, "phases": report.seconds,
-                  "peak_above_baseline": window.end["VmHWM"] - window.baseline["VmRSS"],
-                  "anon_above_baseline": window.peak_anon_above_baseline,
-                  "pseudo_labels": report.pseudo_labels, "sequential": report.sequential})
-    if args.world:
-        dist.barrier()  # no rank tears the group down while another still uses it
-        dist.destroy_process_group()
+    group = process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=args.world,
+                          timeout=timedelta(seconds=900)) if args.world else contextlib.nullcontext()
+    with group:
+        warm_up(os.path.join(args.scratch, "warm"))
+        heads = {t: torch.nn.Linear(EMBED, CLASSES).requires_grad_(False) for t in TASKS}
+        for task, state in torch.load(spec["heads"], weights_only=True).items():
+            heads[task].load_state_dict(state)
+        with MemoryWindow("cpu", sample="always", interval=SAMPLE_SECONDS) as window:
+            result, seconds = merge(spec["pretrained"], spec["tasks"], heads, WORKLOADS[spec["workload"]], args.output)
+        report = result.report
+        harness.emit({"rank": rank, "seconds": seconds, "phases": report.seconds,
+                      "peak_above_baseline": window.end["VmHWM"] - window.baseline["VmRSS"],
+                      "anon_above_baseline": window.peak_anon_above_baseline,
+                      "pseudo_labels": report.pseudo_labels, "sequential": report.sequential})
+        if args.world:
+            dist.barrier()  # no rank tears the group down while another still uses it
 
 
 def write_checkpoints(folder: Path, workload: dict, world: int) -> dict:

@@ -15,6 +15,7 @@ Output: benchmarks/results/distributed_memory_cpu.{json,md} (or --out DIR).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -32,31 +33,30 @@ def child(args) -> None:
     from datetime import timedelta
 
     import torch
-    import torch.distributed as dist
 
     import calm_fast
-    from calm_fast.distributed import merge_data_free
+    from calm_fast.distributed import merge_data_free, process_group
 
     spec = json.loads(Path(args.spec).read_text())
     tiny = {"w": torch.randn(64, 64)}
     tiny_tasks = {f"t{i}": {"w": tiny["w"] + 0.01 * i} for i in range(3)}
     rank = int(os.environ.get("RANK", 0))
-    if args.world:
-        dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=args.world,
-                                timeout=timedelta(seconds=120))
-        run = lambda pre, ft, out: merge_data_free(pre, ft, args.method, None, out)  # noqa: E731
-    else:
-        run = lambda pre, ft, out: calm_fast.merge(pre, ft, method=args.method, device="cpu",  # noqa: E731
-                                                   progress=False).save(out)
-    run(tiny, tiny_tasks, os.path.join(args.scratch, "warm"))
-    with MemoryWindow("cpu", sample="always") as window:
-        start = time.perf_counter()
-        run(spec["pretrained"], spec["task_paths"], args.output)
-        seconds = time.perf_counter() - start
-    harness.emit({"rank": rank, "seconds": seconds, "peak_above_baseline": window.end["VmHWM"] - window.baseline["VmRSS"],
-                  "anon_above_baseline": window.peak_anon_above_baseline})
-    if args.world:
-        dist.destroy_process_group()
+    group = process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=args.world,
+                          timeout=timedelta(seconds=120)) if args.world else contextlib.nullcontext()
+    with group:
+        if args.world:
+            run = lambda pre, ft, out: merge_data_free(pre, ft, args.method, None, out)  # noqa: E731
+        else:
+            run = lambda pre, ft, out: calm_fast.merge(pre, ft, method=args.method, device="cpu",  # noqa: E731
+                                                       progress=False).save(out)
+        run(tiny, tiny_tasks, os.path.join(args.scratch, "warm"))
+        with MemoryWindow("cpu", sample="always") as window:
+            start = time.perf_counter()
+            run(spec["pretrained"], spec["task_paths"], args.output)
+            seconds = time.perf_counter() - start
+        harness.emit({"rank": rank, "seconds": seconds,
+                      "peak_above_baseline": window.end["VmHWM"] - window.baseline["VmRSS"],
+                      "anon_above_baseline": window.peak_anon_above_baseline})
 
 
 def run_case(spec_path: Path, scratch: Path, method: str, world: int) -> list[dict]:

@@ -110,6 +110,7 @@ def _merge_distributed(job, args, overwrite) -> int:
 
     import calm_fast
 
+    from .distributed.process_group import process_group
     from .merge import progress_bar
 
     device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -118,8 +119,7 @@ def _merge_distributed(job, args, overwrite) -> int:
         torch.cuda.set_device(device)
     job.device = str(device)
     timeout = datetime.timedelta(seconds=float(os.environ.get("CALM_FAST_DIST_TIMEOUT", "300")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    try:
+    with process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout):
         bar = progress_bar(not args.quiet and dist.get_rank() == 0)
         pretrained, finetuned = job.weights(bar)
         calm_fast.merge(pretrained, finetuned, method=job.method, config=job.options, device=device, seed=job.seed,
@@ -129,8 +129,6 @@ def _merge_distributed(job, args, overwrite) -> int:
         if dist.get_rank() == 0:
             _finish(job)
         log.info("rank %d of %d: wrote its part of %s", dist.get_rank(), dist.get_world_size(), job.output)
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

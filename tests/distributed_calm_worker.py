@@ -18,13 +18,14 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from distributed_launch import gloo_threads
 from merge_fixtures import CLASSES, BranchHead, BranchNet, TinyViT
 
 import calm_fast
 from calm_fast.calm import CALMMerger
 from calm_fast.calm.config import AUTHORS_SCALING
 from calm_fast.checkpoint import read_checkpoint
-from calm_fast.distributed import DistributedMergeError, ShardedLayout, shard_model
+from calm_fast.distributed import DistributedMergeError, ShardedLayout, process_group, shard_model
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
@@ -120,18 +121,25 @@ def kill(folder, output):
 
 def main():
     mode, store, out, *args = sys.argv[1:]
-    if WORLD > 1:
+    run = {"merge": merge, "initial": initial, "diverge": diverge, "kill": kill}[mode]
+    if WORLD == 1:
+        found = run(*args)
+    else:
         timeout = timedelta(seconds=float(os.environ.get("CALM_FAST_TEST_TIMEOUT", "60")))
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD, timeout=timeout)
-    found = {"merge": merge, "initial": initial, "diverge": diverge, "kill": kill}[mode](*args)
+        with process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD, timeout=timeout):
+            found = run(*args)
+            if mode == "kill":
+                write(out, found)
+                os._exit(0)  # the group lost a rank: tearing it down could wait on that rank
+            dist.barrier()  # no rank tears the group down while another still uses it
+        found["gloo_threads"] = gloo_threads()
+    write(out, found)
+
+
+def write(out, found):
     with open(os.path.join(out, f"rank{RANK}.json"), "w") as f:
         json.dump(found, f)
-    if mode == "kill":
-        sys.stdout.flush()
-        os._exit(0)  # the group lost a rank: tearing it down could wait on that rank
-    if WORLD > 1:
-        dist.barrier()  # no rank tears the group down while another still uses it
-        dist.destroy_process_group()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def start_ranks(worker, world, mode, tmp_path, *args, timeout_s=20, wait_for=Non
     out = tmp_path / f"{name}-results"
     out.mkdir()
     env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", "CALM_FAST_TEST_TIMEOUT": str(timeout_s)}
-    command = [sys.executable, str(worker), mode, str(tmp_path / f"{name}.store"), str(out), *map(str, args)]
+    # -X faulthandler: a rank killed by a signal (an abort in C++) prints where its threads were
+    command = [sys.executable, "-X", "faulthandler", str(worker), mode, str(tmp_path / f"{name}.store"), str(out),
+               *map(str, args)]
     procs = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(world)]
     results = {}
@@ -31,6 +33,13 @@ def start_ranks(worker, world, mode, tmp_path, *args, timeout_s=20, wait_for=Non
                 proc.kill()
                 proc.wait()
     return results
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo (its run loops, its TCP loop): none is
+    left once the process group is destroyed, unless something still holds the group."""
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return sorted(name for name in names if "gloo" in name)
 
 
 def finished(results, rank=0):

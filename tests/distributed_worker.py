@@ -13,12 +13,13 @@ import time
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+
+from distributed_launch import gloo_threads
 
 from calm_fast import DataFreeConfig, reference
 from calm_fast.checkpoint import read_checkpoint
 from calm_fast.distributed import (DistributedMergeError, data_free, magnitude_threshold, merge_data_free,
-                                   normalized_step_size, select)
+                                   normalized_step_size, process_group, select)
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 METHODS = {"average": None, "task_arithmetic": DataFreeConfig(scaling=0.4), "ties": DataFreeConfig(density=0.3),
@@ -169,19 +170,22 @@ def lost(mode, inputs, output):
 def main():
     mode, store, out, *args = sys.argv[1:]
     timeout = timedelta(seconds=float(os.environ.get("CALM_FAST_TEST_TIMEOUT", "20")))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD, timeout=timeout)
-    if mode == "threshold":
-        found = threshold(*args)
-    elif mode in ("kill", "hang"):
-        found = lost(mode, *args)
-    else:
-        found = {"merge": merge, "errors": errors}[mode](*args)
+    with process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD, timeout=timeout):
+        if mode == "threshold":
+            found = threshold(*args)
+        elif mode in ("kill", "hang"):
+            write(out, lost(mode, *args))
+            os._exit(0)  # the group lost a rank: tearing it down could wait on that rank
+        else:
+            found = {"merge": merge, "errors": errors}[mode](*args)
+    found["gloo_threads"] = gloo_threads()
+    write(out, found)
+
+
+def write(out, found):
     with open(os.path.join(out, f"rank{RANK}.json"), "w") as f:
         json.dump(found, f)
-    if mode in ("kill", "hang"):
-        sys.stdout.flush()
-        os._exit(0)  # the group lost a rank: tearing it down could wait on that rank
-    dist.destroy_process_group()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

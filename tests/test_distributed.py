@@ -76,7 +76,9 @@ def test_distributed_threshold_equals_single_process(tmp_path):
 
 def test_data_free_merges_are_bit_identical_to_one_process(inputs, tmp_path):
     results = launch("merge", tmp_path, inputs, tmp_path / "merged")
-    seconds = [finished(results, rank)["seconds"] for rank in range(WORLD)]
+    found = [finished(results, rank) for rank in range(WORLD)]
+    assert [f["gloo_threads"] for f in found] == [[]] * WORLD  # process_group() leaves none running
+    seconds = [f["seconds"] for f in found]
     pretrained = str(inputs / "pretrained.safetensors")
     finetuned = {f"task{t}": str(inputs / f"task{t}.safetensors") for t in range(3)}
     for method, config in METHODS.items():

@@ -11,6 +11,9 @@ nothing global is gathered on one rank, and every rank gets the single-process a
 - merge_data_free(pretrained, finetuned, method, config, output, group=...): task arithmetic,
   TIES, TALL and averaging split by keys over ranks, written as sharded safetensors + report.json
   bit-identical in content to calm_fast.merge(...).save(output) (data_free.py).
+- process_group(backend, **init_kwargs): init_process_group ... destroy_process_group around a
+  merge, the group's threads gone when it returns, not left to interpreter shutdown
+  (process_group.py).
 Every failure, disagreement or lost rank raises DistributedMergeError on every rank still
 listening, naming the rank; collectives are bounded by the process group's timeout.
 """
@@ -18,7 +21,8 @@ from .calm import merge_calm
 from .collectives import DistributedMergeError, agree, normalized_step_size
 from .data_free import merge_data_free, partition, shard_plan
 from .fsdp import ShardedLayout, shard_model
+from .process_group import process_group
 from .select import magnitude_threshold
 
 __all__ = ["DistributedMergeError", "ShardedLayout", "agree", "magnitude_threshold", "merge_calm", "merge_data_free",
-           "normalized_step_size", "partition", "shard_model", "shard_plan"]
+           "normalized_step_size", "partition", "process_group", "shard_model", "shard_plan"]
