@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from distributed_launch import gloo_threads
+from distributed_launch import gloo_threads, write_found
 from merge_fixtures import CLASSES, BranchHead, BranchNet, TinyViT
 
 import calm_fast
@@ -129,17 +128,11 @@ def main():
         with process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD, timeout=timeout):
             found = run(*args)
             if mode == "kill":
-                write(out, found)
+                write_found(out, found)
                 os._exit(0)  # the group lost a rank: tearing it down could wait on that rank
             dist.barrier()  # no rank tears the group down while another still uses it
         found["gloo_threads"] = gloo_threads()
-    write(out, found)
-
-
-def write(out, found):
-    with open(os.path.join(out, f"rank{RANK}.json"), "w") as f:
-        json.dump(found, f)
-    sys.stdout.flush()
+    write_found(out, found)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Start the ranks of a distributed test worker as processes on this machine (gloo, a file store)."""
+"""Start the ranks of a distributed test worker as processes on this machine (gloo, a file store), and
+what a rank reports back: its answer (write_found) and the gloo threads it left running."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,13 @@ def start_ranks(worker, world, mode, tmp_path, *args, timeout_s=20, wait_for=Non
                 proc.kill()
                 proc.wait()
     return results
+
+
+def write_found(out, found) -> None:
+    """A rank's answer, where start_ranks reads it (in the rank's process, RANK from its environment)."""
+    with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(found, f)
+    sys.stdout.flush()
 
 
 def gloo_threads() -> list[str]:

@@ -6,7 +6,6 @@ writes what it found to OUT_DIR/rank<r>.json; an unexpected error exits non-zero
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -14,7 +13,7 @@ from datetime import timedelta
 
 import torch
 
-from distributed_launch import gloo_threads
+from distributed_launch import gloo_threads, write_found
 
 from calm_fast import DataFreeConfig, reference
 from calm_fast.checkpoint import read_checkpoint
@@ -174,18 +173,12 @@ def main():
         if mode == "threshold":
             found = threshold(*args)
         elif mode in ("kill", "hang"):
-            write(out, lost(mode, *args))
+            write_found(out, lost(mode, *args))
             os._exit(0)  # the group lost a rank: tearing it down could wait on that rank
         else:
             found = {"merge": merge, "errors": errors}[mode](*args)
     found["gloo_threads"] = gloo_threads()
-    write(out, found)
-
-
-def write(out, found):
-    with open(os.path.join(out, f"rank{RANK}.json"), "w") as f:
-        json.dump(found, f)
-    sys.stdout.flush()
+    write_found(out, found)
 
 
 if __name__ == "__main__":
