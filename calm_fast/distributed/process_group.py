@@ -2,8 +2,9 @@
 
 `torch.distributed.destroy_process_group()` drops torch's own registry of the group, but two
 other holders keep the group object, and with it gloo's threads, alive until the interpreter
-tears itself down (measured with torch 2.13; a 2-rank CALM test aborted once in a CI run with
-"terminate called without an active exception" after finishing its work):
+tears itself down (measured with torch 2.13 by the threads left running; a 2-rank CALM test that
+had finished its work aborted once in CI with "terminate called without an active exception",
+the suspected consequence, never reproduced here):
 - `torch.distributed.nn.functional` binds `group.WORLD` into its functions' default arguments
   when it is imported, which FSDP's import does: imported after `init_process_group`, those
   defaults hold the group for the life of the process. Hence FSDP is imported before the group
@@ -30,10 +31,10 @@ def process_group(backend: str, **init_kwargs):
     try:
         yield
     finally:
-        destroy_process_group()
+        _release_and_destroy()
 
 
-def destroy_process_group() -> None:
+def _release_and_destroy() -> None:
     """`dist.destroy_process_group()` after dropping the DTensor caches and the garbage that still
     hold the group, so its threads end here rather than during interpreter shutdown."""
     from torch.distributed.tensor import debug
